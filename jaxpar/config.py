@@ -1,0 +1,275 @@
+"""Typed, frozen run configuration, built from an ml_collections ConfigDict at one boundary.
+
+Every check of a configuration lives here, so that a bad value fails with one clear message before
+anything is traced or compiled. `from_config_dict` is the boundary: it rejects unknown keys and wrong
+types, then each dataclass validates itself in `__post_init__`; checks that need the device count
+(the mesh) or several sections together run in `validate_run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any
+
+import ml_collections
+
+MESH_AXES = ("pipeline", "data", "fsdp", "expert", "sequence", "tensor")
+# Axes whose collectives exist; the others are accepted in configs and rejected at a size > 1.
+IMPLEMENTED_MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the value and the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    d_ff: int = 384
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_impl: str = "xla"
+    remat: str = "none"
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+            _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive.")
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
+            "grouped-query attention needs every KV head to serve the same number of query heads.",
+        )
+        _one_of("model.attention_impl", self.attention_impl, ("xla",))
+        _one_of("model.remat", self.remat, ("none", "full", "save_dots"))
+        _one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count (embeddings included)."""
+        attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.d_model * self.d_ff
+        per_layer = attn + mlp + 2 * self.d_model
+        embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + embed + self.d_model
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device counts per mesh axis; -1 takes all devices the other axes leave."""
+
+    pipeline: int = 1
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    sequence: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = self.as_dict()
+        for name, size in sizes.items():
+            _require(size == -1 or size >= 1, f"mesh.{name}={size} must be a positive int or -1 (all remaining).")
+        _require(
+            sum(size == -1 for size in sizes.values()) <= 1,
+            f"mesh={sizes} has more than one axis set to -1; at most one axis can take the remaining devices.",
+        )
+        for name in MESH_AXES:
+            if name not in IMPLEMENTED_MESH_AXES and sizes[name] != 1:
+                raise ConfigError(
+                    f"mesh.{name}={sizes[name]}: {name} parallelism is not implemented yet; "
+                    f"set mesh.{name}=1 and use {list(IMPLEMENTED_MESH_AXES)}."
+                )
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MESH_AXES}
+
+    def resolve(self, num_devices: int) -> dict[str, int]:
+        """Axis sizes with -1 filled in; raises unless their product is exactly `num_devices`."""
+        sizes = self.as_dict()
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        if -1 in sizes.values():
+            _require(
+                num_devices % fixed == 0,
+                f"mesh={self.as_dict()} cannot fill {num_devices} devices: the fixed axes multiply to {fixed}, "
+                f"which does not divide {num_devices}.",
+            )
+            sizes = {name: (num_devices // fixed if size == -1 else size) for name, size in sizes.items()}
+        product = math.prod(sizes.values())
+        _require(
+            product == num_devices,
+            f"mesh={sizes} uses {product} devices but {num_devices} are present; make the product of the "
+            f"mesh axes equal {num_devices} (or set one axis to -1).",
+        )
+        return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. `stdlib`: the Python standard library's own sources, byte tokens (no
+    download). `text`: local text files matched by `path` (a glob), byte tokens. `tokens`: pre-tokenized
+    flat binary files matched by `path` (numpy `token_dtype`), memory mapped."""
+
+    source: str = "stdlib"
+    path: str = ""
+    token_dtype: str = "uint16"
+    eval_fraction: float = 0.02
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        _one_of("data.source", self.source, ("stdlib", "text", "tokens"))
+        _one_of("data.token_dtype", self.token_dtype, ("uint16", "uint32"))
+        _require(0.0 < self.eval_fraction < 1.0, f"data.eval_fraction={self.eval_fraction} must be in (0, 1).")
+        _require(
+            self.source == "stdlib" or self.path,
+            f"data.source={self.source!r} needs data.path (a glob of files), e.g. --config.data.path='/data/*.txt'.",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip_norm: float = 1.0
+
+    def __post_init__(self):
+        _require(self.learning_rate > 0, f"optimizer.learning_rate={self.learning_rate} must be positive.")
+        _require(0 <= self.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+        _require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    global_batch: int = 16
+    seq_len: int = 128
+    grad_accum_steps: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch", "seq_len", "grad_accum_steps", "log_every", "eval_batches",
+                     "keep_checkpoints"):
+            _require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1.")
+        for name in ("eval_every", "checkpoint_every"):
+            _require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0 (0 = never).")
+        _require(
+            self.global_batch % self.grad_accum_steps == 0,
+            f"train.global_batch={self.global_batch} is not divisible by train.grad_accum_steps="
+            f"{self.grad_accum_steps}; each accumulation step takes an equal share of the batch.",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    mesh: MeshConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+    train: TrainConfig
+
+
+SECTIONS = {field.name: field.type for field in dataclasses.fields(RunConfig)}
+
+
+def _build(cls: type, section: str, values: dict[str, Any]):
+    hints = typing.get_type_hints(cls)
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, f"unknown config key(s) {[f'{section}.{k}' for k in unknown]}; "
+                          f"known keys of {section}: {sorted(known)}.")
+    kwargs = {}
+    for key, value in values.items():
+        expected = hints[key]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        _require(ok, f"{section}.{key}={value!r} has type {type(value).__name__}; expected {expected.__name__}.")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_config_dict(config: ml_collections.ConfigDict | dict) -> RunConfig:
+    """The one boundary from a (user-edited) ConfigDict to typed, validated configs."""
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    _require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(SECTIONS)}.")
+    hints = typing.get_type_hints(RunConfig)
+    sections = {name: _build(hints[name], name, dict(raw.get(name, {}))) for name in SECTIONS}
+    return RunConfig(**sections)
+
+
+def to_dict(run: RunConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(run)
+
+
+def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
+    """Checks that need the device count or span sections. Returns the resolved mesh axis sizes."""
+    sizes = run.mesh.resolve(num_devices)
+    model, train = run.model, run.train
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    micro_batch = train.global_batch // train.grad_accum_steps
+    _require(
+        micro_batch % batch_shards == 0,
+        f"train.global_batch={train.global_batch} (per accumulation step {micro_batch}) is not divisible by "
+        f"mesh.data*mesh.fsdp={batch_shards}; pick a global batch that is a multiple of "
+        f"{batch_shards * train.grad_accum_steps}.",
+    )
+    tensor = sizes["tensor"]
+    for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+        value = getattr(model, name)
+        _require(
+            value % tensor == 0,
+            f"model.{name}={value} is not divisible by mesh.tensor={tensor}; tensor parallelism splits it "
+            f"evenly. Choose mesh.tensor from the divisors of {value}.",
+        )
+    _require(
+        train.seq_len % tensor == 0,
+        f"train.seq_len={train.seq_len} is not divisible by mesh.tensor={tensor}; sequence-parallel "
+        "activations split the sequence across the tensor axis.",
+    )
+    _require(
+        train.seq_len <= model.max_seq_len,
+        f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model.max_seq_len}.",
+    )
+    _require(
+        model.d_model % sizes["fsdp"] == 0,
+        f"model.d_model={model.d_model} is not divisible by mesh.fsdp={sizes['fsdp']}; FSDP shards the "
+        "embedding dimension of every weight.",
+    )
+    if run.data.source in ("stdlib", "text"):
+        _require(
+            model.vocab_size >= 256,
+            f"model.vocab_size={model.vocab_size} is too small for byte tokens; use at least 256.",
+        )
+    return sizes
