@@ -1,0 +1,74 @@
+"""LM presets: `python experiments/train_lm.py --config=configs/lm.py:<preset>`.
+
+smoke     a byte-level model that trains in about a minute on a 2-core CPU (8 simulated devices)
+small     tens of millions of parameters, a CPU hour
+llama_1b  Llama-3.2-1B shapes (for accelerators; validated and compiled abstractly in CI)
+llama_7b  Llama-2-7B shapes (for accelerators; validated and compiled abstractly in CI)
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
+        max_seq_len=2048, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, attention_impl="xla",
+        remat="none", param_dtype="float32", dtype="float32", init_std=0.02,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(pipeline=1, data=2, fsdp=2, expert=1, sequence=1, tensor=2))
+    c.data = ml_collections.ConfigDict(dict(
+        source="stdlib", path="", token_dtype="uint16", eval_fraction=0.02, shuffle=True, seed=0))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=3e-3, min_lr_ratio=0.1, warmup_steps=10, b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.1, grad_clip_norm=1.0))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=100, global_batch=16, seq_len=128, grad_accum_steps=1, seed=0, log_every=10, eval_every=50,
+        eval_batches=4, checkpoint_every=50, keep_checkpoints=3))
+    return c
+
+
+def smoke(c):
+    c.model.update(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384)
+    c.train.update(steps=150, global_batch=16, seq_len=128, log_every=10, eval_every=50, checkpoint_every=50)
+    c.optimizer.update(learning_rate=3e-3, warmup_steps=15)
+
+
+def small(c):
+    c.model.update(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1536, tie_embeddings=True)
+    c.train.update(steps=2000, global_batch=32, seq_len=256, log_every=20, eval_every=200, checkpoint_every=200)
+    c.optimizer.update(learning_rate=1e-3, warmup_steps=100)
+
+
+def llama_1b(c):
+    c.model.update(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                   d_ff=8192, max_seq_len=8192, rope_theta=500000.0, tie_embeddings=True, remat="save_dots",
+                   param_dtype="float32", dtype="bfloat16")
+    c.mesh.update(data=-1, fsdp=8, tensor=1)
+    c.data.update(source="tokens", path="/data/tokens/*.bin", token_dtype="uint32")
+    c.train.update(steps=100000, global_batch=512, seq_len=4096, log_every=50, eval_every=2000,
+                   checkpoint_every=1000)
+    c.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
+
+
+def llama_7b(c):
+    c.model.update(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+                   d_ff=11008, max_seq_len=4096, tie_embeddings=False, remat="full",
+                   param_dtype="float32", dtype="bfloat16")
+    c.mesh.update(data=-1, fsdp=8, tensor=8)
+    c.data.update(source="tokens", path="/data/tokens/*.bin", token_dtype="uint16")
+    c.train.update(steps=100000, global_batch=1024, seq_len=4096, log_every=50, eval_every=2000,
+                   checkpoint_every=1000)
+    c.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
+
+
+PRESETS = {"smoke": smoke, "small": small, "llama_1b": llama_1b, "llama_7b": llama_7b}
+
+
+def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise ValueError(f"unknown preset {arg!r} in configs/lm.py; choose one of {sorted(PRESETS)}.")
+    c = base()
+    PRESETS[arg](c)
+    c.lock()
+    return c

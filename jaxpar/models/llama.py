@@ -1,0 +1,156 @@
+"""Decoder-only LM, Llama style: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Parameters and activations carry logical axis names only (see jaxpar/parallel/rules.py). The layers
+are stacked on a leading "layers" axis and run by `jax.lax.scan`, so compile time does not grow with
+depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpar.config import ModelConfig
+from jaxpar.kernels.attention import attention
+from jaxpar.parallel.rules import constrain
+
+RESIDUAL = ("batch", "length_sp", "act_embed")
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, shape, names, std, dtype) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, dtype=jnp.float32)
+    return nnx.Param(value.astype(dtype), out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x_BTD):
+        x32 = x_BTD.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x_BTD.dtype)
+
+
+def rope(x_BTNH, positions_BT, theta: float):
+    """Rotary embedding on the two halves of the head dimension (Llama layout)."""
+    half = x_BTNH.shape[-1] // 2
+    freqs_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * freqs_F
+    sin, cos = jnp.sin(angles_BTF)[:, :, None], jnp.cos(angles_BTF)[:, :, None]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.wq = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg.init_std, cfg.param_dtype)
+        self.wk = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype)
+        self.wv = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype)
+        self.wo = _param(rngs, (N, H, D), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        cfg, dtype = self.cfg, x_BTD.dtype
+        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq[...].astype(dtype))
+        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk[...].astype(dtype))
+        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv[...].astype(dtype))
+        q_BTNH = constrain(rope(q_BTNH, positions_BT, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
+        k_BTKH = constrain(rope(k_BTKH, positions_BT, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+        v_BTKH = constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
+        out_BTNH = attention(
+            q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, causal=True,
+            implementation=cfg.attention_impl,
+        )
+        out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dtype))
+        return constrain(out_BTD, RESIDUAL)
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.d_ff
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std, cfg.param_dtype)
+        self.w_up = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std, cfg.param_dtype)
+        self.w_down = _param(rngs, (F, D), ("mlp", "embed"), out_std, cfg.param_dtype)
+
+    def __call__(self, x_BTD):
+        dtype = x_BTD.dtype
+        gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.w_gate[...].astype(dtype))
+        up_BTF = jnp.einsum("btd,df->btf", x_BTD, self.w_up[...].astype(dtype))
+        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
+        out_BTD = jnp.einsum("btf,fd->btd", h_BTF, self.w_down[...].astype(dtype))
+        return constrain(out_BTD, RESIDUAL)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
+        self.mlp = SwiGLU(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        x_BTD = constrain(x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT), RESIDUAL)
+        return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), RESIDUAL)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        V, D = cfg.vocab_size, cfg.d_model
+        self.embed = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(D, cfg.norm_eps, cfg.param_dtype)
+        self.unembed = None if cfg.tie_embeddings else _param(
+            rngs, (D, V), ("embed", "vocab"), cfg.init_std, cfg.param_dtype)
+
+    def __call__(self, tokens_BT, positions_BT, segment_ids_BT):
+        """Logits in float32, split over the vocabulary on the tensor axis (never whole on one device)."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        x_BTD = constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype), RESIDUAL)
+
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x_BTD, layer_params):
+            return nnx.merge(graphdef, layer_params)(x_BTD, positions_BT, segment_ids_BT), None
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        x_BTD, _ = jax.lax.scan(layer, x_BTD, stacked)
+
+        x_BTD = constrain(self.final_norm(x_BTD), ("batch", "length", "act_embed"))
+        if cfg.tie_embeddings:
+            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(dtype),
+                                    preferred_element_type=jnp.float32)
+        else:
+            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.unembed[...].astype(dtype),
+                                    preferred_element_type=jnp.float32)
+        return constrain(logits_BTV, ("batch", "length", "vocab"))
+
+
+def cross_entropy(logits_BTV, targets_BT, mask_BT):
+    """Summed token cross-entropy and token count. Vocab-parallel: the log-sum-exp and the target logit
+    are reductions over the (tensor-sharded) vocabulary, so no device gathers the full logits."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=logits_BTV.dtype)
+    target_logit_BT = jnp.sum(logits_BTV * onehot_BTV, axis=-1)
+    mask_BT = mask_BT.astype(jnp.float32)
+    return jnp.sum((lse_BT - target_logit_BT) * mask_BT), jnp.sum(mask_BT)
