@@ -1,0 +1,32 @@
+"""Train a language model.
+
+  python experiments/train_lm.py --config=configs/lm.py:smoke --workdir=/tmp/lm [--config.train.steps=50 ...]
+
+Rerunning with the same --workdir resumes from its latest checkpoint.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxpar.config import ConfigError, from_config_dict
+from jaxpar.train.loop import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/lm.py:smoke.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots, config.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        run = from_config_dict(_CONFIG.value)
+    except ConfigError as error:
+        raise app.UsageError(str(error)) from None
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    final = train(run, _WORKDIR.value)
+    print("final:", {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,178 @@
+"""The host loop: validate, build the sharded state (or resume it), step, log, evaluate, checkpoint.
+
+Metrics of step s are fetched after step s+1 has been dispatched, so the device never waits for the
+host; the fetch also checks every step's loss and gradient norm for non-finite values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxpar.config import RunConfig, to_dict, validate_run
+from jaxpar.parallel.mesh import describe, make_mesh
+from jaxpar.train import data, metrics as metrics_lib, state as state_lib, step as step_lib
+from jaxpar.train.checkpoint import Checkpointer
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+class _Preemption:
+    """SIGTERM (cluster preemption, time limit) asks the loop to checkpoint and exit at the next step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def place_batch(batch: dict[str, np.ndarray], mesh, global_batch: int) -> dict[str, jax.Array]:
+    """This process's rows -> one global array per key, sharded over the batch axes."""
+    sharding = step_lib.batch_sharding(mesh)
+    return {
+        key: jax.make_array_from_process_local_data(sharding, batch[key], (global_batch, *batch[key].shape[1:]))
+        for key in step_lib.BATCH_KEYS
+    }
+
+
+def _check_finite(step: int, values: dict) -> None:
+    bad = {k: float(values[k]) for k in ("loss", "grad_norm") if not math.isfinite(float(values[k]))}
+    if bad:
+        raise NonFiniteError(
+            f"non-finite {bad} at step {step}; stopping. The last good checkpoint is kept; lower "
+            "optimizer.learning_rate or raise optimizer.warmup_steps and rerun to resume from it."
+        )
+
+
+def save_config(run: RunConfig, workdir: str, mesh_sizes: dict[str, int]) -> None:
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({**to_dict(run), "resolved_mesh": mesh_sizes}, f, indent=2)
+
+
+def evaluate(eval_step, params, run: RunConfig, mesh) -> float:
+    """Mean token loss over the first `eval_batches` batches of the held-out split (the same batches every
+    time, so eval losses along a run are comparable)."""
+    batches = data.make_batches(
+        run.data, split="eval", seq_len=run.train.seq_len, batch_size=run.train.global_batch,
+        process_index=jax.process_index(), process_count=jax.process_count(), repeat=True,
+    )
+    loss_sum = count = 0.0
+    for _ in range(run.train.eval_batches):
+        s, c = eval_step(params, place_batch(next(batches), mesh, run.train.global_batch))
+        loss_sum, count = loss_sum + float(s), count + float(c)
+    return loss_sum / max(count, 1.0)
+
+
+def train(run: RunConfig, workdir: str) -> dict:
+    """Trains (or resumes) to `run.train.steps`; returns the last logged metrics."""
+    mesh_sizes = validate_run(run, jax.device_count())
+    data.check_data(run.data)
+    cfg, tcfg = run.model, run.train
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(run.mesh)
+
+    tx = state_lib.make_optimizer(run.optimizer, tcfg.steps)
+    schedule = state_lib.learning_rate_schedule(run.optimizer, tcfg.steps)
+    graphdef, abstract, shardings = state_lib.abstract_state(cfg, tx, mesh)
+    batches = data.make_batches(
+        run.data, split="train", seq_len=tcfg.seq_len, batch_size=tcfg.global_batch,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
+    start = checkpointer.latest_step()
+    if start is None:
+        start = 0
+        _, state, _ = state_lib.init_state(cfg, tx, mesh, tcfg.seed)
+    else:
+        state, data_state = checkpointer.restore(start, abstract)
+        batches.set_state(data_state)
+    save_config(run, workdir, mesh_sizes)
+
+    with jax.set_mesh(mesh):
+        train_step = step_lib.jit_train_step(
+            step_lib.make_train_step(graphdef, tx, schedule, tcfg.grad_accum_steps), mesh, shardings)
+        eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef), mesh, shardings)
+        return _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer)
+
+
+def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer) -> dict:
+    tcfg = run.train
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+    tokens_per_step = tcfg.global_batch * tcfg.seq_len
+    peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
+    flops_per_step = metrics_lib.train_flops_per_token(run.model, tcfg.seq_len) * tokens_per_step
+    bar = tqdm(total=tcfg.steps, initial=start, desc=f"train [{describe(mesh)}]", unit="step",
+               disable=jax.process_index() != 0, mininterval=1.0)
+    pending = None  # (step, device metrics) of the step before the one just dispatched
+    window_start, window_steps = time.perf_counter(), 0
+    last: dict = {}
+
+    def finish(step_metrics) -> None:
+        nonlocal window_start, window_steps, last
+        step, values = step_metrics
+        values = {k: float(v) for k, v in jax.device_get(values).items()}
+        _check_finite(step, values)
+        window_steps += 1
+        if step % tcfg.log_every and step != tcfg.steps:
+            return
+        elapsed = time.perf_counter() - window_start
+        rate = window_steps / elapsed
+        values.update(
+            tokens_per_sec=rate * tokens_per_step,
+            mfu=None if peak is None else rate * flops_per_step / (peak * jax.device_count()),
+        )
+        writer.write(step, values)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}")
+        eta = (tcfg.steps - step) / rate
+        mfu = "n/a" if values["mfu"] is None else f"{values['mfu']:.1%}"
+        bar.write(f"step {step}/{tcfg.steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} | "
+                  f"lr {values['lr']:.2e} | {values['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | ETA {eta:,.0f}s")
+        last = {"step": step, **values}
+        window_start, window_steps = time.perf_counter(), 0
+
+    with _Preemption() as preemption:
+        for step in range(start + 1, tcfg.steps + 1):
+            state, step_metrics = train_step(state, place_batch(next(batches), mesh, tcfg.global_batch))
+            if pending is not None:
+                finish(pending)
+            pending = (step, step_metrics)
+            bar.update(1)
+            checkpoint_due = tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0
+            if checkpoint_due or step == tcfg.steps or preemption.requested:
+                finish(pending)  # never save a state whose step produced a non-finite loss
+                pending = None
+                checkpointer.save(step, state, batches.get_state())
+            if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+                eval_loss = evaluate(eval_step, state.params, run, mesh)
+                writer.write(step, {"eval_loss": eval_loss})
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+                last["eval_loss"] = eval_loss
+            if preemption.requested:
+                bar.write(f"SIGTERM: saved checkpoint at step {step}; exiting so the job can be requeued.")
+                last["preempted"] = True
+                break
+    bar.close()
+    checkpointer.close()
+    writer.close()
+    if jax.process_index() == 0 and not last.get("preempted"):
+        metrics_lib.plot_losses(workdir)
+    return last
