@@ -140,6 +140,7 @@ class DataConfig:
     def __post_init__(self):
         _one_of("data.source", self.source, ("stdlib", "text", "tokens"))
         _one_of("data.token_dtype", self.token_dtype, ("uint16", "uint32"))
+        _require(0 <= self.seed < 2**32, f"data.seed={self.seed} must be in [0, 2**32).")
         _require(0.0 < self.eval_fraction < 1.0, f"data.eval_fraction={self.eval_fraction} must be in (0, 1).")
         _require(
             self.source == "stdlib" or self.path,

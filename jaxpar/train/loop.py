@@ -109,7 +109,8 @@ def train(run: RunConfig, workdir: str) -> dict:
 
     with jax.set_mesh(mesh):
         train_step = step_lib.jit_train_step(
-            step_lib.make_train_step(graphdef, tx, schedule, tcfg.grad_accum_steps), mesh, shardings)
+            step_lib.make_train_step(graphdef, tx, schedule, tcfg.grad_accum_steps, shardings.params), mesh,
+            shardings)
         eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef), mesh, shardings)
         return _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer)
 

@@ -42,10 +42,20 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def loss_and_grads(params, graphdef, batch: Batch, grad_accum_steps: int = 1):
+def loss_and_grads(params, graphdef, batch: Batch, grad_accum_steps: int = 1, grad_shardings=None):
     """Mean token loss and its gradient over the whole batch. Sums are accumulated across microbatches
-    and divided once, so accumulation is exact (not a mean of per-microbatch means)."""
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    and divided once, so accumulation is exact (not a mean of per-microbatch means).
+
+    `grad_shardings` (the parameters' shardings) pins each gradient to its parameter's layout: under FSDP
+    that makes the gradient reduction a reduce-scatter, and accumulation happens on shards."""
+    value_and_grad = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def grad_fn(params, graphdef, batch):
+        (loss_sum, count), grads = value_and_grad(params, graphdef, batch)
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        return (loss_sum, count), grads
+
     if grad_accum_steps == 1:
         (loss_sum, count), grads = grad_fn(params, graphdef, batch)
     else:
@@ -61,14 +71,15 @@ def loss_and_grads(params, graphdef, batch: Batch, grad_accum_steps: int = 1):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    grad_accum_steps: int = 1, param_shardings=None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     def train_step(state: TrainState, batch: Batch):
-        loss, grads, tokens = loss_and_grads(state.params, graphdef, batch, grad_accum_steps)
+        loss, grads, tokens = loss_and_grads(state.params, graphdef, batch, grad_accum_steps, param_shardings)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
             "tokens": tokens,
         }
