@@ -5,11 +5,14 @@
 Rerunning with the same --workdir resumes from its latest checkpoint.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpar.config import ConfigError, from_config_dict
-from jaxpar.train.loop import train
+from jaxpar.train.checkpoint import CheckpointError
+from jaxpar.train.loop import NonFiniteError, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/lm.py:smoke.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots, config.")
@@ -19,12 +22,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    try:
-        run = from_config_dict(_CONFIG.value)
-    except ConfigError as error:
-        raise app.UsageError(str(error)) from None
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    final = train(run, _WORKDIR.value)
+    try:
+        final = train(from_config_dict(_CONFIG.value), _WORKDIR.value)
+    except (ConfigError, CheckpointError, NonFiniteError) as error:
+        sys.exit(f"error: {error}")
     print("final:", {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
 
 

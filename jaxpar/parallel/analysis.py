@@ -27,7 +27,12 @@ import re
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+
+from jaxpar.config import RunConfig
+from jaxpar.train import state as state_lib, step as step_lib
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
@@ -128,13 +133,14 @@ def _parse_computations(hlo: str) -> tuple[dict[str, list[_Instruction]], str]:
     return computations, entry
 
 
-def _group_size(attributes: str, num_operands_devices: int | None = None) -> int:
-    """Devices per replica group, from any of XLA's three spellings: explicit `{{0,1},{2,3}}`, iota
-    `[groups,size]<=[...]`, or named-mesh `mesh['a'=2,'b'=4] {'b'}` (product of the listed axes)."""
+def _group_size(attributes: str, num_partitions: int) -> int:
+    """Devices per replica group, from any of XLA's spellings: named-mesh `mesh['a'=2,'b'=4] {'b'}`
+    (product of the listed axes), iota `[groups,size]<=[...]`, explicit `{{0,1},{2,3}}`, or a
+    permute's `source_target_pairs`; no groups at all means every partition."""
     named = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attributes)
     if named:
-        sizes = dict((k, int(v)) for k, v in re.findall(r"'([^']+)'=(\d+)", named.group(1)))
-        return math.prod(sizes[a] for a in re.findall(r"'([^']+)'", named.group(2)))
+        sizes = {axis: int(size) for axis, size in re.findall(r"'([^']+)'=(\d+)", named.group(1))}
+        return math.prod(sizes[axis] for axis in re.findall(r"'([^']+)'", named.group(2)))
     iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attributes)
     if iota:
         return int(iota.group(2))
@@ -144,7 +150,7 @@ def _group_size(attributes: str, num_operands_devices: int | None = None) -> int
     pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", attributes)
     if pairs:
         return len(set(re.findall(r"\d+", pairs.group(1))))
-    return jax.device_count() if num_operands_devices is None else num_operands_devices
+    return num_partitions
 
 
 def _kind(opcode: str) -> str | None:
@@ -157,6 +163,8 @@ def collective_ops(compiled_or_hlo) -> list[CollectiveOp]:
     step. Loops whose trip count XLA did not record are counted once (a lower bound)."""
     hlo = compiled_or_hlo if isinstance(compiled_or_hlo, str) else compiled_or_hlo.as_text()
     computations, entry = _parse_computations(hlo)
+    partitions = re.search(r"num_partitions=(\d+)", hlo)
+    num_partitions = int(partitions.group(1)) if partitions else 1
     ops: list[CollectiveOp] = []
 
     def visit(computation: str, count: int) -> None:
@@ -168,7 +176,7 @@ def collective_ops(compiled_or_hlo) -> list[CollectiveOp]:
                 operand_bytes = sum(
                     _bytes_of(o) if _SHAPE.search(o.split("%")[0]) else _bytes_of(types.get(o.lstrip("%"), ""))
                     for o in operands)
-                group = _group_size(attributes)
+                group = _group_size(attributes, num_partitions)
                 nbytes = operand_bytes * group if kind == "all-gather" else operand_bytes
                 op_name = re.search(r'op_name="([^"]*)"', attributes)
                 ops.append(CollectiveOp(kind, ins.name, nbytes, group, count, op_name.group(1) if op_name else ""))
@@ -215,6 +223,21 @@ def flops(compiled) -> float:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return float(cost.get("flops", 0.0))
+
+
+def compile_train_step(run: RunConfig, mesh: Mesh):
+    """(compiled train step, abstract state), built as the training loop builds it but from abstract
+    inputs only: nothing is allocated, so any model size compiles for any mesh of this process."""
+    tx = state_lib.make_optimizer(run.optimizer, run.train.steps)
+    schedule = state_lib.learning_rate_schedule(run.optimizer, run.train.steps)
+    graphdef, abstract, shardings = state_lib.abstract_state(run.model, tx, mesh)
+    train_step = step_lib.make_train_step(graphdef, tx, schedule, run.train.grad_accum_steps, shardings.params)
+    shape = (run.train.global_batch, run.train.seq_len)
+    batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=step_lib.batch_sharding(mesh))
+             for key in step_lib.BATCH_KEYS}
+    with jax.set_mesh(mesh):
+        compiled = step_lib.jit_train_step(train_step, mesh, shardings).lower(abstract, batch).compile()
+    return compiled, abstract
 
 
 def bytes_per_device(tree) -> int:

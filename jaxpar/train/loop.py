@@ -112,7 +112,10 @@ def train(run: RunConfig, workdir: str) -> dict:
             step_lib.make_train_step(graphdef, tx, schedule, tcfg.grad_accum_steps, shardings.params), mesh,
             shardings)
         eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef), mesh, shardings)
-        return _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer)
+        try:
+            return _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer)
+        finally:
+            checkpointer.close()  # lets an in-flight async save commit, also when a step failed
 
 
 def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer) -> dict:
@@ -133,7 +136,7 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
         values = {k: float(v) for k, v in jax.device_get(values).items()}
         _check_finite(step, values)
         window_steps += 1
-        if step % tcfg.log_every and step != tcfg.steps:
+        if step % tcfg.log_every and step not in (1, tcfg.steps):
             return
         elapsed = time.perf_counter() - window_start
         rate = window_steps / elapsed
@@ -172,7 +175,6 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
                 last["preempted"] = True
                 break
     bar.close()
-    checkpointer.close()
     writer.close()
     if jax.process_index() == 0 and not last.get("preempted"):
         metrics_lib.plot_losses(workdir)
