@@ -15,6 +15,8 @@ from typing import Any
 
 import ml_collections
 
+# Names accepted by jaxpar.kernels.attention.attention; "auto" picks the best for the inputs and backend.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
 MESH_AXES = ("pipeline", "data", "fsdp", "expert", "sequence", "tensor")
 # Axes whose collectives exist; the others are accepted in configs and rejected at a size > 1.
 IMPLEMENTED_MESH_AXES = ("data", "fsdp", "tensor")
@@ -60,7 +62,7 @@ class ModelConfig:
             f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
             "grouped-query attention needs every KV head to serve the same number of query heads.",
         )
-        _one_of("model.attention_impl", self.attention_impl, ("xla",))
+        _one_of("model.attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)
         _one_of("model.remat", self.remat, ("none", "full", "save_dots"))
         _one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
