@@ -36,8 +36,8 @@ def smoke(c):
 
 def small(c):
     c.model.update(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1536, tie_embeddings=True)
-    c.train.update(steps=2000, global_batch=32, seq_len=256, log_every=20, eval_every=200, checkpoint_every=200)
-    c.optimizer.update(learning_rate=1e-3, warmup_steps=100)
+    c.train.update(steps=400, global_batch=16, seq_len=256, log_every=10, eval_every=100, checkpoint_every=100)
+    c.optimizer.update(learning_rate=1e-3, warmup_steps=40)
 
 
 def llama_1b(c):

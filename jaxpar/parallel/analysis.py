@@ -158,38 +158,68 @@ def _kind(opcode: str) -> str | None:
     return base if base in KINDS else None
 
 
-def collective_ops(compiled_or_hlo) -> list[CollectiveOp]:
-    """Every collective of a compiled (SPMD-partitioned) program, with its bytes and its count per
-    step. Loops whose trip count XLA did not record are counted once (a lower bound)."""
+def _walk(compiled_or_hlo):
+    """Yield (instruction, operand types by name, executions per step) for every instruction reachable
+    from ENTRY: loop bodies multiply by their recorded trip count (once when XLA recorded none, a
+    lower bound); fusions, calls and conditional branches by one."""
     hlo = compiled_or_hlo if isinstance(compiled_or_hlo, str) else compiled_or_hlo.as_text()
     computations, entry = _parse_computations(hlo)
-    partitions = re.search(r"num_partitions=(\d+)", hlo)
-    num_partitions = int(partitions.group(1)) if partitions else 1
-    ops: list[CollectiveOp] = []
 
-    def visit(computation: str, count: int) -> None:
+    def visit(computation: str, count: int):
         types = {ins.name: ins.type_text for ins in computations.get(computation, [])}
         for ins in computations.get(computation, []):
-            kind = _kind(ins.opcode)
-            if kind is not None:
-                operands, attributes = _split_operands(ins.rest)
-                operand_bytes = sum(
-                    _bytes_of(o) if _SHAPE.search(o.split("%")[0]) else _bytes_of(types.get(o.lstrip("%"), ""))
-                    for o in operands)
-                group = _group_size(attributes, num_partitions)
-                nbytes = operand_bytes * group if kind == "all-gather" else operand_bytes
-                op_name = re.search(r'op_name="([^"]*)"', attributes)
-                ops.append(CollectiveOp(kind, ins.name, nbytes, group, count, op_name.group(1) if op_name else ""))
+            yield ins, types, count
             trip = _TRIP_COUNT.search(ins.rest)
             for role, callee in _CALLEE.findall(ins.rest):
-                if role == "to_apply":  # reduction combiners: scalar code, never collectives
+                if role == "to_apply":  # reduction combiners: scalar code
                     continue
                 factor = int(trip.group(1)) if role == "body" and trip else 1
                 for name in re.findall(r"[\w.\-]+", callee):
-                    visit(name, count * factor)
+                    yield from visit(name, count * factor)
 
-    visit(entry, 1)
+    yield from visit(entry, 1)
+
+
+def _operand_types(operands: list[str], types: Mapping[str, str]) -> list[str]:
+    """Operand types, whether printed inline (`f32[2]{0} %x`) or only by name (`%x`)."""
+    return [o.split("%")[0] if _SHAPE.search(o.split("%")[0]) else types.get(o.lstrip("%"), "") for o in operands]
+
+
+def collective_ops(compiled_or_hlo) -> list[CollectiveOp]:
+    """Every collective of a compiled (SPMD-partitioned) program, with its bytes and its count per
+    step."""
+    hlo = compiled_or_hlo if isinstance(compiled_or_hlo, str) else compiled_or_hlo.as_text()
+    partitions = re.search(r"num_partitions=(\d+)", hlo)
+    num_partitions = int(partitions.group(1)) if partitions else 1
+    ops = []
+    for ins, types, count in _walk(hlo):
+        kind = _kind(ins.opcode)
+        if kind is None:
+            continue
+        operands, attributes = _split_operands(ins.rest)
+        operand_bytes = sum(_bytes_of(t) for t in _operand_types(operands, types))
+        group = _group_size(attributes, num_partitions)
+        nbytes = operand_bytes * group if kind == "all-gather" else operand_bytes
+        op_name = re.search(r'op_name="([^"]*)"', attributes)
+        ops.append(CollectiveOp(kind, ins.name, nbytes, group, count, op_name.group(1) if op_name else ""))
     return ops
+
+
+def matmul_flops(compiled_or_hlo) -> int:
+    """FLOPs of every dot per device per step, loops counted trip-count times: 2 x result elements x
+    contracted size. XLA's cost analysis counts a while body once, so it undercounts a scanned model
+    by about its depth; this count does not (elementwise work is left out: matmuls dominate)."""
+    total = 0
+    for ins, types, count in _walk(compiled_or_hlo):
+        if ins.opcode != "dot":
+            continue
+        operands, attributes = _split_operands(ins.rest)
+        lhs_dims = [int(d) for d in _SHAPE.search(_operand_types(operands, types)[0]).group(2).split(",") if d]
+        contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attributes).group(1)
+        contracted = math.prod(lhs_dims[int(i)] for i in contracting.split(",") if i)
+        result_dims = [int(d) for d in _SHAPE.search(ins.type_text).group(2).split(",") if d]
+        total += 2 * math.prod(result_dims) * contracted * count
+    return total
 
 
 def collective_bytes(compiled_or_hlo) -> dict[str, int]:
@@ -218,7 +248,8 @@ def memory(compiled) -> dict[str, int]:
 
 def flops(compiled) -> float:
     """FLOPs per device per step from XLA's cost analysis (a dict, or a one-element list of dicts on
-    older jax versions)."""
+    older jax versions). It counts a while-loop body once, so for the layer scan prefer
+    `matmul_flops`."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
