@@ -16,6 +16,9 @@ def base() -> ml_collections.ConfigDict:
         max_seq_len=2048, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, attention_impl="xla",
         remat="none", param_dtype="float32", dtype="float32", init_std=0.02,
     ))
+    c.model.moe = ml_collections.ConfigDict(dict(
+        experts=0, top_k=2, d_ff=256, shared_experts=0, router="softmax", capacity_factor=0.0,
+        balance="aux_loss", aux_loss_coef=0.01, z_loss_coef=1e-3, bias_update_rate=1e-3))
     c.mesh = ml_collections.ConfigDict(dict(pipeline=1, data=2, fsdp=2, expert=1, sequence=1, tensor=2))
     c.data = ml_collections.ConfigDict(dict(
         source="stdlib", path="", token_dtype="uint16", eval_fraction=0.02, shuffle=True, seed=0))

@@ -19,7 +19,7 @@ import ml_collections
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
 MESH_AXES = ("pipeline", "data", "fsdp", "expert", "sequence", "tensor")
 # Axes whose collectives exist; the others are accepted in configs and rejected at a size > 1.
-IMPLEMENTED_MESH_AXES = ("data", "fsdp", "tensor")
+IMPLEMENTED_MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 class ConfigError(ValueError):
@@ -33,6 +33,34 @@ def _require(condition: bool, message: str) -> None:
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts MLPs. `experts=0` keeps every MLP dense."""
+
+    experts: int = 0
+    top_k: int = 2
+    d_ff: int = 256
+    shared_experts: int = 0
+    router: str = "softmax"
+    capacity_factor: float = 0.0  # 0: dropless (grouped matmul); > 0: tokens over capacity are dropped
+    balance: str = "aux_loss"  # or "bias": DeepSeek-V3 auxiliary-loss-free bias balancing
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+    bias_update_rate: float = 1e-3
+
+    def __post_init__(self):
+        _require(self.experts >= 0, f"model.moe.experts={self.experts} must be >= 0 (0 = dense MLPs).")
+        if self.experts:
+            _require(1 <= self.top_k <= self.experts,
+                     f"model.moe.top_k={self.top_k} must be between 1 and model.moe.experts={self.experts}.")
+        _require(self.d_ff > 0, f"model.moe.d_ff={self.d_ff} must be positive.")
+        _require(self.shared_experts >= 0, f"model.moe.shared_experts={self.shared_experts} must be >= 0.")
+        _one_of("model.moe.router", self.router, ("softmax", "sigmoid"))
+        _one_of("model.moe.balance", self.balance, ("aux_loss", "bias"))
+        _require(self.capacity_factor >= 0,
+                 f"model.moe.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +81,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     init_std: float = 0.02
+    moe: MoEConfig = MoEConfig()
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -69,9 +98,12 @@ class ModelConfig:
 
     @property
     def n_params(self) -> int:
-        """Parameter count (embeddings included)."""
+        """Parameter count (embeddings included; every expert counted)."""
         attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.d_model * self.d_ff
+        if self.moe.experts:
+            mlp = (3 * self.d_model * self.moe.d_ff * (self.moe.experts + self.moe.shared_experts)
+                   + self.d_model * self.moe.experts)
         per_layer = attn + mlp + 2 * self.d_model
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         return self.n_layers * per_layer + embed + self.d_model
@@ -214,6 +246,10 @@ def _build(cls: type, section: str, values: dict[str, Any]):
     kwargs = {}
     for key, value in values.items():
         expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            _require(isinstance(value, dict), f"{section}.{key} must be a section (a dict of keys).")
+            kwargs[key] = _build(expected, f"{section}.{key}", value)
+            continue
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
@@ -240,14 +276,20 @@ def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
     """Checks that need the device count or span sections. Returns the resolved mesh axis sizes."""
     sizes = run.mesh.resolve(num_devices)
     model, train = run.model, run.train
-    batch_shards = sizes["data"] * sizes["fsdp"]
+    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro_batch = train.global_batch // train.grad_accum_steps
     _require(
         micro_batch % batch_shards == 0,
         f"train.global_batch={train.global_batch} (per accumulation step {micro_batch}) is not divisible by "
-        f"mesh.data*mesh.fsdp={batch_shards}; pick a global batch that is a multiple of "
+        f"mesh.data*mesh.fsdp*mesh.expert={batch_shards}; pick a global batch that is a multiple of "
         f"{batch_shards * train.grad_accum_steps}.",
     )
+    if sizes["expert"] > 1:
+        _require(
+            model.moe.experts > 0 and model.moe.experts % sizes["expert"] == 0,
+            f"mesh.expert={sizes['expert']} needs model.moe.experts to be a positive multiple of it "
+            f"(got {model.moe.experts}); set model.moe.experts or mesh.expert=1.",
+        )
     tensor = sizes["tensor"]
     for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
         value = getattr(model, name)

@@ -9,8 +9,11 @@ from jaxpar.config import ConfigError, MeshConfig, from_config_dict, validate_ru
 def run_config(**overrides):
     c = lm.get_config("smoke").to_dict()
     for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        c[section][key] = value
+        *sections, key = dotted.split(".")
+        target = c
+        for section in sections:
+            target = target[section]
+        target[key] = value
     return from_config_dict(c)
 
 
@@ -43,7 +46,10 @@ def test_unknown_preset():
         ({"model.attention_impl": "flash"}, r"model.attention_impl='flash' is not supported"),
         ({"mesh.pipeline": 2}, r"mesh.pipeline=2: pipeline parallelism is not implemented yet"),
         ({"mesh.sequence": 2}, r"mesh.sequence=2: sequence parallelism is not implemented yet"),
-        ({"mesh.expert": 2}, r"mesh.expert=2: expert parallelism is not implemented yet"),
+        ({"model.moe.top_k": 3, "model.moe.experts": 2}, r"model.moe.top_k=3 must be between 1 and "
+                                                          r"model.moe.experts=2"),
+        ({"model.moe.router": "relu"}, r"model.moe.router='relu' is not supported"),
+        ({"model.moe.capacity": 1.0}, r"unknown config key\(s\) \['model.moe.capacity'\]"),
         ({"mesh.data": -1, "mesh.fsdp": -1}, r"more than one axis set to -1"),
         ({"mesh.data": 0}, r"mesh.data=0 must be a positive int or -1"),
         ({"data.source": "text"}, r"data.source='text' needs data.path"),
@@ -68,11 +74,13 @@ def test_unknown_section():
     [
         ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}, 8, r"uses 4 devices but 8 are present"),
         ({"mesh.data": -1, "mesh.fsdp": 3, "mesh.tensor": 1}, 8, r"cannot fill 8 devices"),
-        ({"train.global_batch": 10}, 8, r"train.global_batch=10 .* not divisible by mesh.data\*mesh.fsdp=4"),
+        ({"train.global_batch": 10}, 8, r"train.global_batch=10 .* not divisible by mesh.data\*mesh.fsdp\*mesh.expert=4"),
         ({"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 4}, 8, r"model.n_kv_heads=2 is not divisible by "
                                                                 r"mesh.tensor=4"),
         ({"model.vocab_size": 258, "mesh.data": 2, "mesh.tensor": 4, "model.n_kv_heads": 4}, 16,
          r"model.vocab_size=258 is not divisible by mesh.tensor=4"),
+        ({"mesh.data": 1, "mesh.expert": 2}, 8, r"mesh.expert=2 needs model.moe.experts to be a positive "
+                                                 r"multiple of it \(got 0\)"),
         ({"train.seq_len": 4096}, 8, r"train.seq_len=4096 exceeds model.max_seq_len=2048"),
         ({"model.vocab_size": 128, "mesh.tensor": 1, "mesh.data": 4}, 8, r"model.vocab_size=128 is too small"),
     ],

@@ -13,6 +13,8 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.kernels.attention import attention
+from jaxpar.models.moe import MoE
+from jaxpar.models.params import param as _param
 from jaxpar.parallel.rules import constrain
 
 RESIDUAL = ("batch", "length_sp", "act_embed")
@@ -21,11 +23,6 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def _param(rngs: nnx.Rngs, shape, names, std, dtype) -> nnx.Param:
-    value = std * jax.random.normal(rngs.params(), shape, dtype=jnp.float32)
-    return nnx.Param(value.astype(dtype), out_sharding=names)
 
 
 class RMSNorm(nnx.Module):
@@ -76,8 +73,8 @@ class Attention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        D, F = cfg.d_model, cfg.d_ff
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, d_ff: int | None = None):
+        D, F = cfg.d_model, d_ff or cfg.d_ff
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std, cfg.param_dtype)
         self.w_up = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std, cfg.param_dtype)
@@ -104,16 +101,39 @@ class Block(nnx.Module):
         return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), RESIDUAL)
 
 
+class MoEBlock(nnx.Module):
+    """A block whose MLP is a mixture of experts (plus optional always-on shared experts); returns the
+    router statistics beside the activations."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
+        self.moe = MoE(cfg, rngs=rngs)
+        shared_ff = cfg.moe.shared_experts * cfg.moe.d_ff
+        self.shared = SwiGLU(cfg, rngs=rngs, d_ff=shared_ff) if shared_ff else None
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        x_BTD = constrain(x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT), RESIDUAL)
+        h_BTD = self.mlp_norm(x_BTD)
+        y_BTD, stats = self.moe(h_BTD)
+        if self.shared is not None:
+            y_BTD = y_BTD + self.shared(h_BTD)
+        return constrain(x_BTD + y_BTD, RESIDUAL), stats
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         V, D = cfg.vocab_size, cfg.d_model
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
 
+        block_type = MoEBlock if cfg.moe.experts else Block
+
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
+            return block_type(cfg, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(D, cfg.norm_eps, cfg.param_dtype)
@@ -122,6 +142,10 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT, positions_BT, segment_ids_BT):
         """Logits in float32, split over the vocabulary on the tensor axis (never whole on one device)."""
+        return self.forward_with_stats(tokens_BT, positions_BT, segment_ids_BT)[0]
+
+    def forward_with_stats(self, tokens_BT, positions_BT, segment_ids_BT):
+        """(logits_BTV, per-layer statistics stacked over layers: the MoE router's, empty when dense)."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x_BTD = constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype), RESIDUAL)
@@ -129,11 +153,12 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
 
         def layer(x_BTD, layer_params):
-            return nnx.merge(graphdef, layer_params)(x_BTD, positions_BT, segment_ids_BT), None
+            out = nnx.merge(graphdef, layer_params)(x_BTD, positions_BT, segment_ids_BT)
+            return out if isinstance(out, tuple) else (out, {})
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(layer, x_BTD, stacked)
+        x_BTD, stats = jax.lax.scan(layer, x_BTD, stacked)
 
         x_BTD = constrain(self.final_norm(x_BTD), ("batch", "length", "act_embed"))
         if cfg.tie_embeddings:
@@ -142,7 +167,7 @@ class Transformer(nnx.Module):
         else:
             logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.unembed[...].astype(dtype),
                                     preferred_element_type=jnp.float32)
-        return constrain(logits_BTV, ("batch", "length", "vocab"))
+        return constrain(logits_BTV, ("batch", "length", "vocab")), stats
 
 
 def cross_entropy(logits_BTV, targets_BT, mask_BT):

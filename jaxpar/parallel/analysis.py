@@ -1,5 +1,5 @@
-"""Facts read off compiled programs (collective bytes, memory, FLOPs) and the analytic expectations
-they are checked against.
+"""Facts read off compiled programs (collective bytes, matmul FLOPs, memory) and the analytic
+expectations the collective bytes are checked against.
 
 Byte convention (used by the parser and by every formula below): each collective is charged the size
 of the FULL buffer one device holds on the wide side of the operation, per device, per step:
@@ -11,9 +11,10 @@ of the FULL buffer one device holds on the wide side of the operation, per devic
     collective-permute  operand bytes  (= result bytes)
 
 This is the number the formulas are naturally written in (a layer's weights, an activation of
-B_local x T x D), independent of the algorithm. The bytes that cross a link are smaller by a known
-factor on a ring of n devices: (n-1)/n for all-gather, reduce-scatter and all-to-all, 2(n-1)/n for
-all-reduce, 1 for collective-permute; `CollectiveOp.wire_bytes` applies it.
+B_local x T x D), independent of the algorithm, and it is the same for a reduce-scatter and for the
+all-reduce + dynamic-slice that XLA:CPU compiles in its place. The bytes that cross a link are
+smaller by a known factor on a ring of n devices: (n-1)/n for all-gather, reduce-scatter and
+all-to-all, 2(n-1)/n for all-reduce, 1 for collective-permute; `CollectiveOp.wire_bytes` applies it.
 
 Ops inside a while loop (the layer scan) are counted trip-count times; XLA records the trip count in
 the loop's backend_config (`known_trip_count`). Async collectives count at their `-start` op only.
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxpar.config import RunConfig
+from jaxpar.config import ModelConfig, RunConfig
 from jaxpar.train import state as state_lib, step as step_lib
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -182,7 +183,11 @@ def _walk(compiled_or_hlo):
 
 def _operand_types(operands: list[str], types: Mapping[str, str]) -> list[str]:
     """Operand types, whether printed inline (`f32[2]{0} %x`) or only by name (`%x`)."""
-    return [o.split("%")[0] if _SHAPE.search(o.split("%")[0]) else types.get(o.lstrip("%"), "") for o in operands]
+    def one(operand: str) -> str:
+        inline = operand.split("%")[0]
+        return inline if _SHAPE.search(inline) else types.get(operand.lstrip("%"), "")
+
+    return [one(operand) for operand in operands]
 
 
 def collective_ops(compiled_or_hlo) -> list[CollectiveOp]:
@@ -208,13 +213,15 @@ def collective_ops(compiled_or_hlo) -> list[CollectiveOp]:
 def matmul_flops(compiled_or_hlo) -> int:
     """FLOPs of every dot per device per step, loops counted trip-count times: 2 x result elements x
     contracted size. XLA's cost analysis counts a while body once, so it undercounts a scanned model
-    by about its depth; this count does not (elementwise work is left out: matmuls dominate)."""
+    by about its depth; this count does not. Elementwise work is left out (matmuls dominate), and so
+    are library GEMMs that a GPU program calls as custom-calls: this reads XLA:CPU programs."""
     total = 0
     for ins, types, count in _walk(compiled_or_hlo):
         if ins.opcode != "dot":
             continue
         operands, attributes = _split_operands(ins.rest)
-        lhs_dims = [int(d) for d in _SHAPE.search(_operand_types(operands, types)[0]).group(2).split(",") if d]
+        lhs_type = _operand_types(operands, types)[0]
+        lhs_dims = [int(d) for d in _SHAPE.search(lhs_type).group(2).split(",") if d]
         contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attributes).group(1)
         contracted = math.prod(lhs_dims[int(i)] for i in contracting.split(",") if i)
         result_dims = [int(d) for d in _SHAPE.search(ins.type_text).group(2).split(",") if d]
@@ -242,7 +249,8 @@ def memory(compiled) -> dict[str, int]:
         "generated_code_bytes": int(m.generated_code_size_in_bytes),
         "alias_bytes": int(m.alias_size_in_bytes),
     }
-    out["peak_estimate"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    out["peak_estimate"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                            - out["alias_bytes"])
     return out
 
 
@@ -262,7 +270,8 @@ def compile_train_step(run: RunConfig, mesh: Mesh):
     tx = state_lib.make_optimizer(run.optimizer, run.train.steps)
     schedule = state_lib.learning_rate_schedule(run.optimizer, run.train.steps)
     graphdef, abstract, shardings = state_lib.abstract_state(run.model, tx, mesh)
-    train_step = step_lib.make_train_step(graphdef, tx, schedule, run.train.grad_accum_steps, shardings.params)
+    train_step = step_lib.make_train_step(graphdef, tx, schedule, run.train.grad_accum_steps,
+                                          shardings.params)
     shape = (run.train.global_batch, run.train.seq_len)
     batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=step_lib.batch_sharding(mesh))
              for key in step_lib.BATCH_KEYS}
@@ -302,7 +311,7 @@ class Term:
     bytes: int
 
 
-def expected_terms(model, mesh_sizes: Mapping[str, int], global_batch: int, seq_len: int, *,
+def expected_terms(model: ModelConfig, mesh_sizes: Mapping[str, int], global_batch: int, seq_len: int, *,
                    param_bytes: int | None = None, act_bytes: int | None = None,
                    reduce_scatter_as_all_reduce: bool = False) -> list[Term]:
     """The communications one train step of jaxpar's Llama needs on a data x fsdp x tensor mesh.
@@ -326,6 +335,8 @@ def expected_terms(model, mesh_sizes: Mapping[str, int], global_batch: int, seq_
       of Megatron's masked lookup + reduce-scatter of activations (cheaper whenever V*D*param bytes <
       B_local*T*D*act bytes). Its gradient is a full-size scatter-add on every device, all-reduced
       over the tensor axis, then over data x fsdp; XLA slices it to the shard only at the end.
+      (Under FSDP alone XLA may instead gather the token ids and all-to-all the looked-up
+      activations, forward and backward: a different route of about the same bytes.)
     - Norm scales are replicated, so their gradients are all-reduced over every axis that splits
       tokens, in the same two stages (tensor; data x fsdp).
 
@@ -339,7 +350,8 @@ def expected_terms(model, mesh_sizes: Mapping[str, int], global_batch: int, seq_
     """
     for axis, size in mesh_sizes.items():
         if axis not in ("data", "fsdp", "tensor") and size > 1:
-            raise ValueError(f"mesh axis {axis}={size}: the analytic model covers data, fsdp and tensor only.")
+            raise ValueError(f"mesh axis {axis}={size}: the analytic model covers data, fsdp and tensor "
+                             "only.")
     d, f, t = (mesh_sizes.get(axis, 1) for axis in ("data", "fsdp", "tensor"))
     p = param_bytes or np.dtype(model.param_dtype).itemsize
     a = act_bytes or np.dtype(model.dtype).itemsize
@@ -359,7 +371,8 @@ def expected_terms(model, mesh_sizes: Mapping[str, int], global_batch: int, seq_
             Term("fsdp: all-gather layer weights (forward scan)", ag, L * layer_weights // t),
             Term("fsdp: all-gather layer weights again (backward scan)", ag, L * layer_weights // t),
             Term("fsdp: all-gather unembedding (once, both passes)", ag, unembed // t),
-            Term("fsdp: reduce-scatter layer and unembedding gradients", rs, (L * layer_weights + unembed) // t),
+            Term("fsdp: reduce-scatter layer and unembedding gradients", rs,
+                 (L * layer_weights + unembed) // t),
         ]
     if d > 1:
         terms.append(Term("data: all-reduce layer and unembedding gradient shards", ar,
@@ -369,11 +382,13 @@ def expected_terms(model, mesh_sizes: Mapping[str, int], global_batch: int, seq_
         remat_scatters = {"none": 0, "save_dots": 0, "full": 1}[model.remat]
         terms += [
             Term("tensor: all-gather sequence shards into attention and MLP (forward)", ag, 2 * L * act),
-            Term("tensor: reduce-scatter attention and MLP outputs to sequence shards (forward)", rs, 2 * L * act),
+            Term("tensor: reduce-scatter attention and MLP outputs to sequence shards (forward)", rs,
+                 2 * L * act),
             Term("tensor: all-gather output gradients (backward)", ag, 2 * L * act),
             Term("tensor: reduce-scatter input gradients, one per column-parallel matmul (backward)", rs,
                  5 * L * act),
-            Term(f"tensor: all-gather sequence shards again (remat={model.remat})", ag, remat_gathers * L * act),
+            Term(f"tensor: all-gather sequence shards again (remat={model.remat})", ag,
+                 remat_gathers * L * act),
             Term(f"tensor: reduce-scatter outputs again (remat={model.remat})", rs, remat_scatters * L * act),
             Term("tensor: all-gather final hidden states for the vocab-parallel unembedding", ag, act),
             Term("tensor: all-reduce the unembedding's input gradient", ar, act),
@@ -392,8 +407,8 @@ def expected_terms(model, mesh_sizes: Mapping[str, int], global_batch: int, seq_
     return [term for term in terms if term.bytes]
 
 
-def expected_collective_bytes(model, mesh_sizes: Mapping[str, int], global_batch: int, seq_len: int,
-                              **options) -> dict[str, int]:
+def expected_collective_bytes(model: ModelConfig, mesh_sizes: Mapping[str, int], global_batch: int,
+                              seq_len: int, **options) -> dict[str, int]:
     """`expected_terms` (same options) summed by kind, plus "total" (the keys of `collective_bytes`)."""
     totals = dict.fromkeys(KINDS, 0)
     for term in expected_terms(model, mesh_sizes, global_batch, seq_len, **options):

@@ -27,9 +27,11 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("expert", "expert"),
     # Activations. "length_sp" is the residual stream between tensor-parallel regions: Megatron sequence
     # parallelism keeps it split over the tensor axis so norms run on sequence shards.
-    ("batch", ("data", "fsdp")),
+    # Expert parallelism borrows its devices from data parallelism outside the MoE layers.
+    ("batch", ("data", "fsdp", "expert")),
     ("length", "sequence"),
     ("length_sp", ("sequence", "tensor")),
     ("act_embed", None),

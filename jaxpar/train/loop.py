@@ -82,6 +82,10 @@ def evaluate(eval_step, params, run: RunConfig, mesh) -> float:
     return loss_sum / max(count, 1.0)
 
 
+def _router_bias_rate(cfg) -> float:
+    return cfg.moe.bias_update_rate if cfg.moe.experts and cfg.moe.balance == "bias" else 0.0
+
+
 def train(run: RunConfig, workdir: str) -> dict:
     """Trains (or resumes) to `run.train.steps`; returns the last logged metrics."""
     mesh_sizes = validate_run(run, jax.device_count())
@@ -109,8 +113,9 @@ def train(run: RunConfig, workdir: str) -> dict:
 
     with jax.set_mesh(mesh):
         train_step = step_lib.jit_train_step(
-            step_lib.make_train_step(graphdef, tx, schedule, tcfg.grad_accum_steps, shardings.params), mesh,
-            shardings)
+            step_lib.make_train_step(graphdef, tx, schedule, tcfg.grad_accum_steps, shardings.params,
+                                     router_bias_rate=_router_bias_rate(cfg)),
+            mesh, shardings)
         eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef), mesh, shardings)
         try:
             return _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer)
@@ -133,7 +138,8 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
     def finish(step_metrics) -> None:
         nonlocal window_start, window_steps, last
         step, values = step_metrics
-        values = {k: float(v) for k, v in jax.device_get(values).items()}
+        values = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                  for k, v in jax.device_get(values).items()}
         _check_finite(step, values)
         window_steps += 1
         if step % tcfg.log_every and step not in (1, tcfg.steps):

@@ -31,8 +31,9 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only, not on norm scales."""
-    return jax.tree.map_with_path(lambda path, _: "scale" not in jax.tree_util.keystr(path), params)
+    """Weight decay on weights only, not on norm scales or the router's selection bias."""
+    return jax.tree.map_with_path(
+        lambda path, _: not any(name in jax.tree_util.keystr(path) for name in ("scale", "router_bias")), params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:

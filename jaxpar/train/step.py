@@ -23,12 +23,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", None)))
 
 
-def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(summed cross-entropy, number of target tokens); padding (segment 0) is not counted."""
+def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch):
+    """(objective summed over tokens, (summed cross-entropy, number of target tokens, router stats)).
+
+    Padding (segment 0) is not counted. The objective adds the MoE auxiliary losses (per-token means,
+    weighted by the token count so that sums over microbatches stay exact)."""
     with nnx.use_eager_sharding(False):
         model = nnx.merge(graphdef, params)
-    logits_BTV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return cross_entropy(logits_BTV, batch["targets"], batch["segment_ids"] != 0)
+    logits_BTV, stats = model.forward_with_stats(batch["inputs"], batch["positions"], batch["segment_ids"])
+    ce_sum, count = cross_entropy(logits_BTV, batch["targets"], batch["segment_ids"] != 0)
+    objective = ce_sum
+    if stats:
+        moe = model.cfg.moe
+        aux = moe.aux_loss_coef * jnp.sum(stats["aux_loss"]) + moe.z_loss_coef * jnp.sum(stats["z_loss"])
+        objective = objective + count * aux
+    return objective, (ce_sum, count, stats)
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
@@ -50,38 +59,66 @@ def loss_and_grads(params, graphdef, batch: Batch, grad_accum_steps: int = 1, gr
     that makes the gradient reduction a reduce-scatter, and accumulation happens on shards."""
     value_and_grad = jax.value_and_grad(loss_sums, has_aux=True)
 
-    def grad_fn(params, graphdef, batch):
-        (loss_sum, count), grads = value_and_grad(params, graphdef, batch)
+    def grad_fn(params, batch):
+        (_, (ce_sum, count, stats)), grads = value_and_grad(params, graphdef, batch)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-        return (loss_sum, count), grads
+        return (ce_sum, count, stats), grads
 
     if grad_accum_steps == 1:
-        (loss_sum, count), grads = grad_fn(params, graphdef, batch)
+        (ce_sum, count, stats), grads = grad_fn(params, batch)
     else:
         def accumulate(carry, microbatch):
-            (loss_sum, count), grads = grad_fn(params, graphdef, microbatch)
-            return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+            return jax.tree.map(jnp.add, carry, grad_fn(params, microbatch)), None
 
-        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-        (loss_sum, count, grads), _ = jax.lax.scan(
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(
+            lambda x: x[0], _split_microbatches(batch, grad_accum_steps))))
+        ((ce_sum, count, stats), grads), _ = jax.lax.scan(
             accumulate, zeros, _split_microbatches(batch, grad_accum_steps))
+        stats = {k: v if k == "tokens_per_expert" else v / grad_accum_steps for k, v in stats.items()}
     count = jnp.maximum(count, 1.0)
-    return loss_sum / count, jax.tree.map(lambda g: (g / count).astype(g.dtype), grads), count
+    grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
+    return ce_sum / count, grads, count, stats
+
+
+def rebalance_router_bias(params, tokens_per_expert_LE, rate: float):
+    """Auxiliary-loss-free balancing (DeepSeek-V3): raise the selection bias of under-loaded experts and
+    lower it for over-loaded ones by a fixed step."""
+    step_LE = rate * jnp.sign(jnp.mean(tokens_per_expert_LE, axis=-1, keepdims=True) - tokens_per_expert_LE)
+    return jax.tree.map_with_path(
+        lambda path, x: x + step_LE if "router_bias" in jax.tree_util.keystr(path) else x, params)
+
+
+def moe_metrics(stats) -> dict:
+    """Router statistics for metrics.jsonl: means over layers, loads summed over layers."""
+    if not stats:
+        return {}
+    load_E = jnp.sum(stats["tokens_per_expert"], axis=0)
+    return {
+        "moe_aux_loss": jnp.mean(stats["aux_loss"]),
+        "moe_z_loss": jnp.mean(stats["z_loss"]),
+        "moe_dropped_fraction": jnp.mean(stats["dropped_fraction"]),
+        "moe_max_load_over_mean": jnp.max(load_E) / jnp.maximum(jnp.mean(load_E), 1.0),
+        "moe_tokens_per_expert": load_E,
+    }
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1, param_shardings=None
+                    grad_accum_steps: int = 1, param_shardings=None, router_bias_rate: float = 0.0,
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     def train_step(state: TrainState, batch: Batch):
-        loss, grads, tokens = loss_and_grads(state.params, graphdef, batch, grad_accum_steps, param_shardings)
+        loss, grads, tokens, stats = loss_and_grads(
+            state.params, graphdef, batch, grad_accum_steps, param_shardings)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if router_bias_rate:
+            params = rebalance_router_bias(params, stats["tokens_per_expert"], router_bias_rate)
         metrics = {
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
             "tokens": tokens,
+            **moe_metrics(stats),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -90,7 +127,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
 def make_eval_step(graphdef) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
     def eval_step(params, batch: Batch):
-        return loss_sums(params, graphdef, batch)
+        _, (ce_sum, count, _) = loss_sums(params, graphdef, batch)
+        return ce_sum, count
 
     return eval_step
 
