@@ -4,6 +4,8 @@ smoke     a byte-level model that trains in about a minute on a 2-core CPU (8 si
 small     tens of millions of parameters, a CPU hour
 llama_1b  Llama-3.2-1B shapes (for accelerators; validated and compiled abstractly in CI)
 llama_7b  Llama-2-7B shapes (for accelerators; validated and compiled abstractly in CI)
+moe_smoke smoke with 8 experts, expert parallel on CPU
+mixtral_8x7b  Mixtral-8x7B shapes (for accelerators)
 """
 
 import ml_collections
@@ -65,7 +67,27 @@ def llama_7b(c):
     c.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
 
 
-PRESETS = {"smoke": smoke, "small": small, "llama_1b": llama_1b, "llama_7b": llama_7b}
+def moe_smoke(c):
+    """smoke with 8 dropless top-2 experts spread over the expert axis (data=2 x expert=4)."""
+    smoke(c)
+    c.model.moe.update(experts=8, top_k=2, d_ff=128, shared_experts=0)
+    c.mesh.update(data=2, fsdp=1, expert=4, tensor=1)
+
+
+def mixtral_8x7b(c):
+    c.model.update(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                   d_ff=14336, max_seq_len=32768, rope_theta=1e6, tie_embeddings=False, remat="full",
+                   param_dtype="float32", dtype="bfloat16")
+    c.model.moe.update(experts=8, top_k=2, d_ff=14336, router="softmax", capacity_factor=0.0)
+    c.mesh.update(data=-1, fsdp=8, expert=8, tensor=1)
+    c.data.update(source="tokens", path="/data/tokens/*.bin", token_dtype="uint16")
+    c.train.update(steps=100000, global_batch=1024, seq_len=4096, log_every=50, eval_every=2000,
+                   checkpoint_every=1000)
+    c.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
+
+
+PRESETS = {"smoke": smoke, "small": small, "llama_1b": llama_1b, "llama_7b": llama_7b,
+           "moe_smoke": moe_smoke, "mixtral_8x7b": mixtral_8x7b}
 
 
 def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
