@@ -158,3 +158,14 @@ def test_bad_input_fails_before_compiling(tmp_path, overrides, message):
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr or "n_layerz" in message
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_moe_smoke_trains_with_balanced_load(tmp_path):
+    result = subprocess.run(command(tmp_path, "--config.train.steps=60", "--config.train.eval_every=0",
+                                    preset="moe_smoke"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert records[-1]["loss"] < records[0]["loss"] - 2.0
+    assert len(records[-1]["moe_tokens_per_expert"]) == 8
+    assert records[-1]["moe_max_load_over_mean"] < 1.6  # the load-balancing loss keeps every expert busy
+    assert records[-1]["moe_dropped_fraction"] == 0.0  # dropless

@@ -18,6 +18,7 @@ from jaxpar.models.params import param as _param
 from jaxpar.parallel.rules import constrain
 
 RESIDUAL = ("batch", "length_sp", "act_embed")
+FULL_LENGTH = ("batch", "length", "act_embed")
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -65,9 +66,10 @@ class Attention(nnx.Module):
         k_BTKH = constrain(rope(k_BTKH, positions_BT, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
         v_BTKH = constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
         out_BTNH = attention(
-            q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, causal=True,
+            q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids_BT, causal=True,
             implementation=cfg.attention_impl,
         )
+        out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dtype))
         return constrain(out_BTD, RESIDUAL)
 
@@ -90,18 +92,29 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
+    """Pre-norm attention and MLP sublayers around the residual stream.
+
+    Norm outputs are constrained to the full sequence: under Megatron sequence parallelism that makes
+    the activation (not the column-parallel weight) the thing that is all-gathered into each tensor-
+    parallel region."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
+    def attention_sublayer(self, x_BTD, positions_BT, segment_ids_BT):
+        h_BTD = constrain(self.attn_norm(x_BTD), FULL_LENGTH)
+        return constrain(x_BTD + self.attn(h_BTD, positions_BT, segment_ids_BT), RESIDUAL)
+
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-        x_BTD = constrain(x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT), RESIDUAL)
-        return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), RESIDUAL)
+        x_BTD = self.attention_sublayer(x_BTD, positions_BT, segment_ids_BT)
+        h_BTD = constrain(self.mlp_norm(x_BTD), FULL_LENGTH)
+        return constrain(x_BTD + self.mlp(h_BTD), RESIDUAL)
 
 
-class MoEBlock(nnx.Module):
+class MoEBlock(Block):
     """A block whose MLP is a mixture of experts (plus optional always-on shared experts); returns the
     router statistics beside the activations."""
 
@@ -114,8 +127,8 @@ class MoEBlock(nnx.Module):
         self.shared = SwiGLU(cfg, rngs=rngs, d_ff=shared_ff) if shared_ff else None
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-        x_BTD = constrain(x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT), RESIDUAL)
-        h_BTD = self.mlp_norm(x_BTD)
+        x_BTD = self.attention_sublayer(x_BTD, positions_BT, segment_ids_BT)
+        h_BTD = constrain(self.mlp_norm(x_BTD), FULL_LENGTH)
         y_BTD, stats = self.moe(h_BTD)
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(h_BTD)
@@ -160,7 +173,7 @@ class Transformer(nnx.Module):
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         x_BTD, stats = jax.lax.scan(layer, x_BTD, stacked)
 
-        x_BTD = constrain(self.final_norm(x_BTD), ("batch", "length", "act_embed"))
+        x_BTD = constrain(self.final_norm(x_BTD), FULL_LENGTH)
         if cfg.tie_embeddings:
             logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(dtype),
                                     preferred_element_type=jnp.float32)
