@@ -16,10 +16,10 @@ An implementation named explicitly that cannot handle the inputs raises Attentio
 naming every unsupported feature; nothing falls back silently. Semantics (masking, positions, fully
 masked rows -> output 0 and lse -inf) are defined by jaxpar.kernels.flash_attention.reference_attention.
 
-Under a mesh of more than one device (jax.set_mesh), the kernels that GSPMD cannot partition (pallas)
-run inside jax.shard_map: batch over the mesh axes of the logical "batch" axis, heads over those of
-"heads" (from jaxpar.parallel.rules), each device on its shard; the sequence stays whole (sequence
-parallelism is ring/ulysses attention's job).
+Under a mesh of more than one device (jax.set_mesh), the custom kernels (pallas, cudnn), which GSPMD
+does not partition by itself, run inside jax.shard_map: batch over the mesh axes of the logical "batch"
+axis, heads over those of "heads" (from jaxpar.parallel.rules), each device on its shard; the sequence
+stays whole (sequence parallelism is ring/ulysses attention's job).
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def unsupported(implementation: str, case: AttentionCase) -> list[str]:
         if case.head_dim % 8 or case.head_dim > 256:
             reasons.append(f"head dim {case.head_dim} (a multiple of 8, at most 256)")
         return reasons
-    raise ValueError(f"attention implementation {implementation!r} is unknown; choose one of {list(IMPLEMENTATIONS)}")
+    raise ValueError(f"attention implementation {implementation!r} is unknown; "
+                     f"choose one of {list(IMPLEMENTATIONS)}")
 
 
 def _splash_unsupported(case: AttentionCase) -> list[str]:
@@ -194,7 +195,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=None, causa
     elif name == "pallas":
         if case.backend == "tpu":
             def kernel(q, k, v, extras):
-                out = splash_attention(q, k, v, segment_ids=extras.get("q_seg"), interpret=bool(interpret), **mask)
+                out = splash_attention(q, k, v, segment_ids=extras.get("q_seg"), interpret=bool(interpret),
+                                       **mask)
                 return out, jnp.zeros(out.shape[:3], jnp.float32)  # never returned: return_lse is refused
         else:
             def kernel(q, k, v, extras):
@@ -202,14 +204,17 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=None, causa
                     q, k, v, q_segment_ids_BT=extras.get("q_seg"), kv_segment_ids_BS=extras.get("kv_seg"),
                     q_positions_BT=extras.get("q_pos"), kv_positions_BS=extras.get("kv_pos"),
                     block_sizes=block_sizes, interpret=interpret, **mask)
-        extras = {key: x for key, x in (("q_seg", q_seg), ("kv_seg", kv_seg), ("q_pos", q_pos), ("kv_pos", kv_pos))
-                  if x is not None}
+        extras = {key: x for key, x in (("q_seg", q_seg), ("kv_seg", kv_seg), ("q_pos", q_pos),
+                                        ("kv_pos", kv_pos)) if x is not None}
         out, lse = shard_over_mesh(kernel, q_BTNH, k_BSKH, v_BSKH, extras)
     else:  # cudnn
-        out = jax.nn.dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=causal,
-            local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
-        lse = None
+        def kernel(q, k, v, extras):
+            out = jax.nn.dot_product_attention(
+                q, k, v, scale=scale, is_causal=causal,
+                local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+            return out, jnp.zeros(out.shape[:3], jnp.float32)  # never returned: return_lse is refused
+
+        out, lse = shard_over_mesh(kernel, q_BTNH, k_BSKH, v_BSKH, {})
     return (out, lse) if return_lse else out
 
 
@@ -239,8 +244,10 @@ def shard_over_mesh(kernel, q_BTNH, k_BSKH, v_BSKH, extras: dict):
         """The rule's mesh axes for this logical axis that are usable and keep every dim divisible."""
         chosen = []
         for axis in _mesh_axes(logical):
-            if axis in usable and all(d % (math.prod(usable[a] for a in chosen) * usable[axis]) == 0 for d in dims):
-                chosen.append(axis)
+            if axis in usable:
+                ways = math.prod(usable[a] for a in chosen) * usable[axis]
+                if all(d % ways == 0 for d in dims):
+                    chosen.append(axis)
         return tuple(chosen) or None
 
     batch, heads = pick("batch", B), pick("heads", N, K)

@@ -97,7 +97,8 @@ def _check(q_BTNH, k_BSKH, v_BSKH, lengths_B, softcap, window):
     if T > k_BSKH.shape[1]:
         raise ValueError(f"{T} query tokens do not fit a cache of {k_BSKH.shape[1]} entries")
     if lengths_B.shape != (B,) or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-        raise ValueError(f"lengths must be an integer array of shape ({B},); got {lengths_B.dtype}{lengths_B.shape}")
+        raise ValueError(f"lengths must be an integer array of shape ({B},); "
+                         f"got {lengths_B.dtype}{lengths_B.shape}")
     if window is not None and (int(window) != window or window < 1):
         raise ValueError(f"window={window} must be a positive integer")
     if softcap is not None and not softcap > 0:

@@ -266,7 +266,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_p
     group = q_ref.shape[1]
 
     def visit(i, carry):
-        g, qb = i // num_q_blocks, i % num_q_blocks
+        g, qb = lax.div(i, num_q_blocks), lax.rem(i, num_q_blocks)  # both >= 0: plain div/rem lower to Triton
         q_slice = pl.ds(qb * block_q, block_q)
         q_pos = q_pos_ref[q_slice]
         q_seg = None if q_seg_ref is None else q_seg_ref[q_slice]
@@ -322,7 +322,7 @@ def _forward(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     G = N // K
     bq, bk = static.blocks.block_q, static.blocks.block_k
     q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, n: (b, i, n, 0))
-    kv_spec = pl.BlockSpec((None, Tk, None, H), lambda i, b, n: (b, 0, n // G, 0))
+    kv_spec = pl.BlockSpec((None, Tk, None, H), lambda i, b, n: (b, 0, lax.div(n, G), 0))
     q_row = lambda i, b, n: (b, i)  # noqa: E731
     kv_row = lambda i, b, n: (b, 0)  # noqa: E731
     return pl.pallas_call(
@@ -350,7 +350,7 @@ def _backward(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse_BNT
 
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
     q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, n: (b, i, n, 0))
-    kv_spec = pl.BlockSpec((None, Tk, None, H), lambda i, b, n: (b, 0, n // G, 0))
+    kv_spec = pl.BlockSpec((None, Tk, None, H), lambda i, b, n: (b, 0, lax.div(n, G), 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i))
     q_row = lambda i, b, n: (b, i)  # noqa: E731
     kv_row = lambda i, b, n: (b, 0)  # noqa: E731
