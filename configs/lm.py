@@ -97,3 +97,21 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
     PRESETS[arg](c)
     c.lock()
     return c
+
+
+def get_sweep(arg: str) -> list[dict]:
+    """Sweeps over this file's configs: `python scripts/sweep.py --config=configs/lm.py:smoke --sweep=<arg>`.
+
+    Each returns a list of override dicts (dotted keys); helpers in jaxpar.launch.sweep.
+    """
+    from jaxpar.launch.sweep import product, zip_
+
+    sweeps = {
+        "lr": lambda: product({"optimizer.learning_rate": [1e-3, 3e-3, 1e-2]}),
+        "lr_x_seed": lambda: product({"optimizer.learning_rate": [1e-3, 3e-3]}, {"train.seed": [0, 1]}),
+        "width": lambda: zip_({"model.d_model": [64, 128, 256], "model.d_ff": [192, 384, 768]}),
+        "tiny": lambda: product({"optimizer.learning_rate": [1e-3, 3e-3]}),  # 2 points, for tests and demos
+    }
+    if arg not in sweeps:
+        raise ValueError(f"unknown sweep {arg!r} in configs/lm.py; choose one of {sorted(sweeps)}.")
+    return sweeps[arg]()

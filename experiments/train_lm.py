@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpar.config import ConfigError, from_config_dict
+from jaxpar.launch.distributed import maybe_initialize
 from jaxpar.train.checkpoint import CheckpointError
 from jaxpar.train.loop import NonFiniteError, train
 
@@ -22,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    maybe_initialize()  # joins a multi-process job when a launcher (scripts/submit.py, srun) asks for it
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
         final = train(from_config_dict(_CONFIG.value), _WORKDIR.value)

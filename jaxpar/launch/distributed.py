@@ -11,6 +11,11 @@ runtime; it only decides whether and how to call `jax.distributed.initialize`:
 
 JAXPAR_HEARTBEAT_TIMEOUT (seconds, default JAX's 100) bounds how long survivors wait for a dead peer before
 they abort instead of hanging.
+
+JAXPAR_LOCAL_DEVICES=visible (set by sbatch scripts with --gpus-per-task, or one task per node): this process
+drives every GPU in CUDA_VISIBLE_DEVICES. JAX's Slurm detection otherwise assumes one GPU per task, indexed by
+SLURM_LOCALID among GPUs all tasks see, which breaks when Slurm binds GPUs to tasks (jax-ml/jax#23452) and
+uses one GPU of eight with one task per node (jax-ml/jax#16788).
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ NUM_PROCESSES = "JAXPAR_NUM_PROCESSES"
 PROCESS_ID = "JAXPAR_PROCESS_ID"
 DISTRIBUTED = "JAXPAR_DISTRIBUTED"
 HEARTBEAT_TIMEOUT = "JAXPAR_HEARTBEAT_TIMEOUT"
+LOCAL_DEVICES = "JAXPAR_LOCAL_DEVICES"
+
+
+def _visible_gpu_ids(env) -> list[int] | None:
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return list(range(len(visible))) or None
 
 
 def _wanted(env) -> str | None:
@@ -50,6 +61,8 @@ def maybe_initialize(env=None) -> bool:
     kwargs = {}
     if env.get(HEARTBEAT_TIMEOUT):
         kwargs["heartbeat_timeout_seconds"] = int(env[HEARTBEAT_TIMEOUT])
+    if env.get(LOCAL_DEVICES) == "visible" and _visible_gpu_ids(env):
+        kwargs["local_device_ids"] = _visible_gpu_ids(env)
     if mode == "explicit":
         missing = [name for name in (NUM_PROCESSES, PROCESS_ID) if not env.get(name)]
         if missing:

@@ -14,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxpar.config import RunConfig, to_dict, validate_run
@@ -27,20 +28,34 @@ class NonFiniteError(FloatingPointError):
 
 
 class _Preemption:
-    """SIGTERM (cluster preemption, time limit) asks the loop to checkpoint and exit at the next step."""
+    """SIGTERM (cluster preemption, time limit) asks the loop to checkpoint and exit at the next step.
+
+    In a multi-process job every process must stop at the same step, because saving is collective and the
+    signal reaches processes at different steps. There JAX's preemption sync manager (started by
+    jax.distributed.initialize, which catches SIGTERM itself) agrees on the step; no Python handler."""
 
     def __init__(self):
         self.requested = False
+        self.synced = False
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.synced = jax.process_count() > 1
+        if not self.synced:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        """Call exactly once per step, on every process."""
+        if self.synced:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        if not self.synced:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def place_batch(batch: dict[str, np.ndarray], mesh, global_batch: int) -> dict[str, jax.Array]:
@@ -131,6 +146,7 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
     flops_per_step = metrics_lib.train_flops_per_token(run.model, tcfg.seq_len) * tokens_per_step
     bar = tqdm(total=tcfg.steps, initial=start, desc=f"train [{describe(mesh)}]", unit="step",
                disable=jax.process_index() != 0, mininterval=1.0)
+    log = bar.write if jax.process_index() == 0 else (lambda message: None)
     pending = None  # (step, device metrics) of the step before the one just dispatched
     window_start, window_steps = time.perf_counter(), 0
     last: dict = {}
@@ -154,7 +170,7 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}")
         eta = (tcfg.steps - step) / rate
         mfu = "n/a" if values["mfu"] is None else f"{values['mfu']:.1%}"
-        bar.write(f"step {step}/{tcfg.steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} | "
+        log(f"step {step}/{tcfg.steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} | "
                   f"lr {values['lr']:.2e} | {values['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | ETA {eta:,.0f}s")
         last = {"step": step, **values}
         window_start, window_steps = time.perf_counter(), 0
@@ -167,17 +183,18 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
             pending = (step, step_metrics)
             bar.update(1)
             checkpoint_due = tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0
-            if checkpoint_due or step == tcfg.steps or preemption.requested:
+            preempted = preemption.reached(step)
+            if checkpoint_due or step == tcfg.steps or preempted:
                 finish(pending)  # never save a state whose step produced a non-finite loss
                 pending = None
                 checkpointer.save(step, state, batches.get_state())
             if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
                 eval_loss = evaluate(eval_step, state.params, run, mesh)
                 writer.write(step, {"eval_loss": eval_loss})
-                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+                log(f"step {step}: eval loss {eval_loss:.4f}")
                 last["eval_loss"] = eval_loss
-            if preemption.requested:
-                bar.write(f"SIGTERM: saved checkpoint at step {step}; exiting so the job can be requeued.")
+            if preempted:
+                log(f"SIGTERM: saved checkpoint at step {step}; exiting so the job can be requeued.")
                 last["preempted"] = True
                 break
     bar.close()
