@@ -1,7 +1,6 @@
 """The multiprocess target for real: processes on this machine joined by jax.distributed on 127.0.0.1, each
 with 4 CPU devices, collectives through gloo, launched by scripts/submit.py."""
 
-import inspect
 import json
 import os
 import signal
@@ -10,9 +9,7 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
-from jaxpar.train import loop
 from jaxpar.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,12 +84,6 @@ def test_killed_process_fails_the_job_instead_of_hanging(tmp_path):
     assert status["state"] == "failed" and status["exit_codes"][1] == -signal.SIGKILL
 
 
-LOOP_SYNCS_PREEMPTION = "reached_preemption_sync_point" in inspect.getsource(loop)
-
-
-@pytest.mark.xfail(not LOOP_SYNCS_PREEMPTION, run=False, strict=True,
-                   reason="jaxpar/train/loop.py decides on SIGTERM per process, so processes signalled a step "
-                          "apart save at different steps and deadlock; needs the preemption sync point")
 def test_sigterm_to_one_process_checkpoints_all_at_one_step(tmp_path):
     """Preemption notices reach hosts at different times; every process must still stop at the same step."""
     args = ["--target=multiprocess", "--heartbeat_timeout=20", *QUICK]

@@ -194,7 +194,7 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
                 log(f"step {step}: eval loss {eval_loss:.4f}")
                 last["eval_loss"] = eval_loss
             if preempted:
-                log(f"SIGTERM: saved checkpoint at step {step}; exiting so the job can be requeued.")
+                bar.write(f"SIGTERM: saved checkpoint at step {step}; exiting so the job can be requeued.")
                 last["preempted"] = True
                 break
     bar.close()
