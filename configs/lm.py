@@ -27,6 +27,8 @@ def base() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, min_lr_ratio=0.1, warmup_steps=10, b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.1, grad_clip_norm=1.0))
+    c.pipeline = ml_collections.ConfigDict(dict(
+        schedule="1f1b", microbatches=4, virtual_stages=1, split_backward=False))
     c.train = ml_collections.ConfigDict(dict(
         steps=100, global_batch=16, seq_len=128, grad_accum_steps=1, seed=0, log_every=10, eval_every=50,
         eval_batches=4, checkpoint_every=50, keep_checkpoints=3))

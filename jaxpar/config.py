@@ -11,15 +11,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+
+from jaxpar.parallel.schedules import SCHEDULES, Schedule, ScheduleError, cached_schedule
 
 # Names accepted by jaxpar.kernels.attention.attention; "auto" picks the best for the inputs and backend.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
 MESH_AXES = ("pipeline", "data", "fsdp", "expert", "sequence", "tensor")
 # Axes whose collectives exist; the others are accepted in configs and rejected at a size > 1.
-IMPLEMENTED_MESH_AXES = ("data", "fsdp", "expert", "tensor")
+IMPLEMENTED_MESH_AXES = ("pipeline", "data", "fsdp", "expert", "tensor")
 
 
 class ConfigError(ValueError):
@@ -226,12 +229,92 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """config.pipeline: how the layers on the `pipeline` mesh axis are scheduled.
+
+    schedule: one of SCHEDULES. microbatches (M): the global batch is cut into M microbatches (this
+    replaces train.grad_accum_steps for the pipelined step). virtual_stages (V): chunks per device
+    (interleaved_1f1b; gpipe with V > 1 is the looped GPipe). split_backward: run each backward of
+    gpipe / 1f1b / interleaved_1f1b as B (input gradient) then W (weight gradient) in the stage's next
+    tick, so that lockstep ticks stay forward-sized (zero_bubble is always split); same memory."""
+
+    schedule: str = "1f1b"
+    microbatches: int = 4
+    virtual_stages: int = 1
+    split_backward: bool = False
+
+    def __post_init__(self):
+        _require(self.schedule in SCHEDULES,
+                 f"pipeline.schedule={self.schedule!r} is not supported; choose one of {list(SCHEDULES)}.")
+        _require(self.microbatches >= 1, f"pipeline.microbatches={self.microbatches} must be >= 1.")
+        _require(self.virtual_stages >= 1, f"pipeline.virtual_stages={self.virtual_stages} must be >= 1.")
+        _require(self.virtual_stages == 1 or self.schedule in ("gpipe", "interleaved_1f1b"),
+                 f"pipeline.virtual_stages={self.virtual_stages} needs pipeline.schedule="
+                 f"'interleaved_1f1b' (or 'gpipe', the looped GPipe); {self.schedule!r} runs one chunk "
+                 "per stage.")
+
+    def validate(self, model_cfg: ModelConfig, mesh_sizes: Mapping[str, int], global_batch: int) -> None:
+        """Checks that need the model, the mesh and the batch; raises ConfigError naming the fix."""
+        stages = mesh_sizes.get("pipeline", 1)
+        M, V = self.microbatches, self.virtual_stages
+        chunks = stages * V
+        _require(
+            model_cfg.n_layers % chunks == 0,
+            f"model.n_layers={model_cfg.n_layers} is not divisible by mesh.pipeline*pipeline.virtual_stages="
+            f"{stages}*{V}={chunks}; every (virtual) stage takes an equal contiguous slice of layers. Choose "
+            f"n_layers as a multiple of {chunks}, or a mesh.pipeline / virtual_stages that divides "
+            f"{model_cfg.n_layers}.")
+        if self.schedule in ("1f1b", "interleaved_1f1b", "zero_bubble"):
+            _require(
+                M >= stages,
+                f"pipeline.microbatches={M} < mesh.pipeline={stages}: {self.schedule} needs at least one "
+                f"microbatch per stage to fill the pipeline (M >= P; M >= 4P keeps the bubble under 20%).")
+        if self.schedule == "interleaved_1f1b" and V > 1:
+            _require(M % stages == 0,
+                     f"pipeline.microbatches={M} is not a multiple of mesh.pipeline={stages}; "
+                     "interleaved_1f1b walks microbatches through the chunks in groups of P.")
+        _require(
+            global_batch % M == 0,
+            f"train.global_batch={global_batch} is not divisible by pipeline.microbatches={M}; every "
+            "microbatch takes an equal share of the batch.")
+        batch_shards = mesh_sizes.get("data", 1) * mesh_sizes.get("fsdp", 1)
+        _require(
+            (global_batch // M) % batch_shards == 0,
+            f"train.global_batch={global_batch} / pipeline.microbatches={M} = {global_batch // M} rows per "
+            f"microbatch, not divisible by mesh.data*mesh.fsdp={batch_shards}; pick a global batch that is a "
+            f"multiple of {M * batch_shards}.")
+        vocab_shards = stages * mesh_sizes.get("tensor", 1)
+        _require(
+            model_cfg.vocab_size % vocab_shards == 0,
+            f"model.vocab_size={model_cfg.vocab_size} is not divisible by mesh.pipeline*mesh.tensor="
+            f"{vocab_shards}; the embedding and output layer are split over the vocabulary across pipeline "
+            f"stages (and tensor shards). Pad the vocabulary to a multiple of {vocab_shards}.")
+        _require(model_cfg.moe.experts == 0,
+                 f"model.moe.experts={model_cfg.moe.experts}: the pipeline runs dense blocks only (the MoE "
+                 "router's auxiliary losses and statistics are not carried through the stages yet); use "
+                 "model.moe.experts=0 or mesh.pipeline=1.")
+        for axis in ("expert", "sequence"):
+            _require(mesh_sizes.get(axis, 1) == 1,
+                     f"mesh.{axis}={mesh_sizes.get(axis)}: the pipeline does not compose with {axis} "
+                     f"parallelism yet; set mesh.{axis}=1.")
+
+    def make_schedule(self, num_stages: int) -> Schedule:
+        """The validated table for `num_stages` devices on the pipeline axis (cached)."""
+        try:
+            return cached_schedule(self.schedule, num_stages, self.microbatches, self.virtual_stages,
+                                   self.split_backward)
+        except ScheduleError as error:
+            raise ConfigError(str(error)) from error
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     mesh: MeshConfig
     data: DataConfig
     optimizer: OptimizerConfig
     train: TrainConfig
+    pipeline: PipelineConfig
 
 
 SECTIONS = {field.name: field.type for field in dataclasses.fields(RunConfig)}
@@ -290,6 +373,11 @@ def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
             f"mesh.expert={sizes['expert']} needs model.moe.experts to be a positive multiple of it "
             f"(got {model.moe.experts}); set model.moe.experts or mesh.expert=1.",
         )
+    if sizes["pipeline"] > 1:
+        run.pipeline.validate(model, sizes, train.global_batch)
+        _require(train.grad_accum_steps == 1,
+                 f"train.grad_accum_steps={train.grad_accum_steps} with mesh.pipeline={sizes['pipeline']}: the "
+                 "pipeline's microbatches are the accumulation; set pipeline.microbatches instead.")
     tensor = sizes["tensor"]
     for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
         value = getattr(model, name)

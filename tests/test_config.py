@@ -44,7 +44,7 @@ def test_unknown_preset():
         ({"model.n_heads": 5}, r"model.n_heads=5 is not a multiple of model.n_kv_heads=2"),
         ({"model.remat": "some"}, r"model.remat='some' is not supported; choose one of"),
         ({"model.attention_impl": "flash"}, r"model.attention_impl='flash' is not supported"),
-        ({"mesh.pipeline": 2}, r"mesh.pipeline=2: pipeline parallelism is not implemented yet"),
+        ({"pipeline.schedule": "pipedream"}, r"pipeline.schedule='pipedream' is not supported"),
         ({"mesh.sequence": 2}, r"mesh.sequence=2: sequence parallelism is not implemented yet"),
         ({"model.moe.top_k": 3, "model.moe.experts": 2}, r"model.moe.top_k=3 must be between 1 and "
                                                           r"model.moe.experts=2"),
@@ -81,6 +81,10 @@ def test_unknown_section():
          r"model.vocab_size=258 is not divisible by mesh.tensor=4"),
         ({"mesh.data": 1, "mesh.expert": 2}, 8, r"mesh.expert=2 needs model.moe.experts to be a positive "
                                                  r"multiple of it \(got 0\)"),
+        ({"mesh.pipeline": 2, "mesh.fsdp": 1, "model.n_layers": 3}, 8,
+         r"model.n_layers=3 is not divisible by mesh.pipeline\*pipeline.virtual_stages=2\*1"),
+        ({"mesh.pipeline": 2, "mesh.fsdp": 1, "train.grad_accum_steps": 2}, 8,
+         r"train.grad_accum_steps=2 with mesh.pipeline=2"),
         ({"train.seq_len": 4096}, 8, r"train.seq_len=4096 exceeds model.max_seq_len=2048"),
         ({"model.vocab_size": 128, "mesh.tensor": 1, "mesh.data": 4}, 8, r"model.vocab_size=128 is too small"),
     ],

@@ -169,3 +169,12 @@ def test_moe_smoke_trains_with_balanced_load(tmp_path):
     assert len(records[-1]["moe_tokens_per_expert"]) == 8
     assert records[-1]["moe_max_load_over_mean"] < 1.6  # the load-balancing loss keeps every expert busy
     assert records[-1]["moe_dropped_fraction"] == 0.0  # dropless
+
+
+def test_pipelined_training_runs_from_the_command_line(tmp_path):
+    """mesh.pipeline=2 x data=4 with the 1F1B schedule, through the same entry point and loop."""
+    train(tmp_path, "--config.train.steps=12", *QUICK, "--config.mesh.pipeline=2", "--config.mesh.data=4",
+          "--config.mesh.fsdp=1", "--config.mesh.tensor=1", "--config.pipeline.microbatches=4")
+    losses = curve(tmp_path)
+    assert sorted(losses) == list(range(1, 13))
+    assert losses[12][0] < losses[1][0] - 1.0

@@ -19,13 +19,15 @@ LogicalNames = Sequence[str | None]
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # Parameters. FSDP (ZeRO-3) shards the model dimension of every weight; Megatron tensor parallelism
     # splits heads, MLP hidden units and the vocabulary.
-    ("layers", None),
+    # Pipeline stages own contiguous slices of the stacked layers; the embedding and the output layer
+    # are split over the vocabulary across stages too (vocabulary parallelism), so no stage is overloaded.
+    ("layers", "pipeline"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("vocab", "tensor"),
+    ("vocab", ("pipeline", "tensor")),
     ("norm", None),
     ("expert", "expert"),
     # Activations. "length_sp" is the residual stream between tensor-parallel regions: Megatron sequence

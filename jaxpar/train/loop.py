@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxpar.config import RunConfig, to_dict, validate_run
+from jaxpar.parallel import pipeline
 from jaxpar.parallel.mesh import describe, make_mesh
 from jaxpar.train import data, metrics as metrics_lib, state as state_lib, step as step_lib
 from jaxpar.train.checkpoint import Checkpointer
@@ -97,6 +98,12 @@ def evaluate(eval_step, params, run: RunConfig, mesh) -> float:
     return loss_sum / max(count, 1.0)
 
 
+def _pipelined(run: RunConfig, mesh):
+    if mesh.shape["pipeline"] == 1:
+        return None
+    return pipeline.make_pipelined_loss_and_grads(mesh, run.pipeline)
+
+
 def _router_bias_rate(cfg) -> float:
     return cfg.moe.bias_update_rate if cfg.moe.experts and cfg.moe.balance == "bias" else 0.0
 
@@ -129,7 +136,8 @@ def train(run: RunConfig, workdir: str) -> dict:
     with jax.set_mesh(mesh):
         train_step = step_lib.jit_train_step(
             step_lib.make_train_step(graphdef, tx, schedule, tcfg.grad_accum_steps, shardings.params,
-                                     router_bias_rate=_router_bias_rate(cfg)),
+                                     router_bias_rate=_router_bias_rate(cfg),
+                                     loss_and_grads_fn=_pipelined(run, mesh)),
             mesh, shardings)
         eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef), mesh, shardings)
         try:

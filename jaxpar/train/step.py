@@ -105,9 +105,13 @@ def moe_metrics(stats) -> dict:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     grad_accum_steps: int = 1, param_shardings=None, router_bias_rate: float = 0.0,
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    loss_and_grads_fn=None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """`loss_and_grads_fn` replaces `loss_and_grads` with another schedule of the same math (the
+    pipelined one: jaxpar.parallel.pipeline.make_pipelined_loss_and_grads)."""
+    loss_and_grads_fn = loss_and_grads_fn or loss_and_grads
+
     def train_step(state: TrainState, batch: Batch):
-        loss, grads, tokens, stats = loss_and_grads(
+        loss, grads, tokens, stats = loss_and_grads_fn(
             state.params, graphdef, batch, grad_accum_steps, param_shardings)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
