@@ -42,6 +42,10 @@ class MultiAgentEnv(abc.ABC):
         """[num_agents, obs_dim] bool: True where an observation entry is real, False where it is padding."""
         return self.observation_space.mask
 
+    @property
+    def unwrapped(self) -> "MultiAgentEnv":
+        return self
+
     def agent_index(self, agent: str) -> int:
         try:
             return self.agents.index(agent)
@@ -94,7 +98,7 @@ class Wrapper(MultiAgentEnv):
 
     @property
     def unwrapped(self) -> MultiAgentEnv:
-        return getattr(self.env, "unwrapped", self.env)
+        return self.env.unwrapped
 
     def reset(self, key):
         return self.env.reset(key)

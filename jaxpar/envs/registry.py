@@ -14,8 +14,10 @@ def register(env_id: str):
 
     def decorate(constructor):
         if env_id in _REGISTRY:
-            raise ValueError(f"environment id {env_id!r} is registered twice ({_REGISTRY[env_id]} and "
-                             f"{constructor}); ids must be unique.")
+            raise ValueError(
+                f"environment id {env_id!r} is registered twice ({_REGISTRY[env_id]} and "
+                f"{constructor}); ids must be unique."
+            )
         _REGISTRY[env_id] = constructor
         return constructor
 

@@ -26,10 +26,18 @@ class MPEEnv(MultiAgentEnv):
     # Random choices drawn at reset besides positions: goal[g] ~ uniform{0, ..., goal_sizes[g] - 1}.
     goal_sizes: tuple[int, ...] = ()
 
-    def __init__(self, world: World, *, max_cycles: int = 25, continuous_actions: bool = False,
-                 local_ratio: float | None = None):
+    def __init__(
+        self,
+        world: World,
+        *,
+        max_cycles: int = 25,
+        continuous_actions: bool = False,
+        local_ratio: float | None = None,
+    ):
         if int(max_cycles) != max_cycles or max_cycles < 1:
-            raise ValueError(f"max_cycles={max_cycles!r} must be a positive integer (transitions per episode).")
+            raise ValueError(
+                f"max_cycles={max_cycles!r} must be a positive integer (transitions per episode)."
+            )
         if local_ratio is not None and not 0.0 <= local_ratio <= 1.0:
             raise ValueError(f"local_ratio={local_ratio!r} is a proportion; it must be between 0 and 1.")
         self.world = world
@@ -38,15 +46,18 @@ class MPEEnv(MultiAgentEnv):
         self.continuous_actions = bool(continuous_actions)
         self.local_ratio = local_ratio
         if continuous_actions:
-            self.action_space = spaces.stack([spaces.Box(0.0, 1.0, (int(d),))
-                                              for d in world.continuous_action_sizes()])
+            self.action_space = spaces.stack(
+                [spaces.Box(0.0, 1.0, (int(d),)) for d in world.continuous_action_sizes()]
+            )
         else:
             self.action_space = spaces.Discrete(world.discrete_action_sizes())
         blocks = jax.eval_shape(self.observation_blocks, self._abstract_state())
         dims = [b.shape[1] for b in blocks for _ in range(b.shape[0])]
         if len(dims) != world.num_agents:
-            raise AssertionError(f"{type(self).__name__}.observation_blocks gave {len(dims)} rows for "
-                                 f"{world.num_agents} agents")
+            raise AssertionError(
+                f"{type(self).__name__}.observation_blocks gave {len(dims)} rows for "
+                f"{world.num_agents} agents"
+            )
         self.obs_dims = tuple(dims)
         self.observation_space = spaces.stack([spaces.Box(-np.inf, np.inf, (d,)) for d in dims])
 
@@ -81,15 +92,18 @@ class MPEEnv(MultiAgentEnv):
 
     def reset(self, key: jax.Array):
         w = self.world
-        k_goal, k_agent, k_landmark = jax.random.split(key, 3)
-        goal = (jax.random.randint(k_goal, (len(self.goal_sizes),), 0, jnp.asarray(self.goal_sizes, jnp.int32))
-                if self.goal_sizes else jnp.zeros((0,), jnp.int32))
+        A, L, G = w.num_agents, w.num_landmarks, len(self.goal_sizes)
+        # One draw for everything: each random-number call is a separately unrolled hash in the program, so
+        # fewer calls compile and run faster. U(-r, r) = r * (2u - 1); a choice among n = floor(n * u).
+        u = jax.random.uniform(key, (2 * A + 2 * L + G,), jnp.float32)
+        sizes = np.asarray(self.goal_sizes, np.int32)
+        goal = jnp.minimum(jnp.floor(u[2 * A + 2 * L :] * sizes).astype(jnp.int32), sizes - 1)
         state = MPEState(
-            agent_pos=jax.random.uniform(k_agent, (w.num_agents, DIM_P), jnp.float32, -1.0, 1.0),
-            agent_vel=jnp.zeros((w.num_agents, DIM_P), jnp.float32),
-            landmark_pos=jax.random.uniform(k_landmark, (w.num_landmarks, DIM_P), jnp.float32, -1.0, 1.0)
+            agent_pos=(2 * u[: 2 * A] - 1).reshape(A, DIM_P),
+            agent_vel=jnp.zeros((A, DIM_P), jnp.float32),
+            landmark_pos=(2 * u[2 * A : 2 * A + 2 * L] - 1).reshape(L, DIM_P)
             * w.landmark_init_range[:, None],
-            comm=jnp.zeros((w.num_agents, w.dim_c), jnp.float32),
+            comm=jnp.zeros((A, w.dim_c), jnp.float32),
             goal=goal,
             t=jnp.int32(0),
         )
@@ -104,8 +118,14 @@ class MPEEnv(MultiAgentEnv):
         truncated = state.t >= self.max_cycles
         terminated = ~truncated & self.is_terminal(state)
         A = self.world.num_agents
-        return (self.observations(state), state, reward, jnp.broadcast_to(terminated, (A,)),
-                jnp.broadcast_to(truncated, (A,)), {})
+        return (
+            self.observations(state),
+            state,
+            reward,
+            jnp.broadcast_to(terminated, (A,)),
+            jnp.broadcast_to(truncated, (A,)),
+            {},
+        )
 
     def _abstract_state(self) -> MPEState:
         w = self.world
@@ -117,4 +137,18 @@ class MPEEnv(MultiAgentEnv):
             comm=jax.ShapeDtypeStruct((w.num_agents, w.dim_c), f32),
             goal=jax.ShapeDtypeStruct((len(self.goal_sizes),), jnp.int32),
             t=jax.ShapeDtypeStruct((), jnp.int32),
+        )
+
+
+def check_neighbors(**counts):
+    for name, n in counts.items():
+        if n is not None and (int(n) != n or n < 1):
+            raise ValueError(f"{name}={n!r} must be a positive integer or None (full observability).")
+
+
+def check_stage(curriculum_stage: int, num_stages: int):
+    if int(curriculum_stage) != curriculum_stage or not 0 <= curriculum_stage < num_stages:
+        raise ValueError(
+            f"curriculum_stage={curriculum_stage!r} must be an integer in [0, {num_stages - 1}]; "
+            "a new stage is a new environment (mpe2's set_curriculum_stage, functionally)."
         )

@@ -12,8 +12,11 @@ from jaxpar.envs.registry import register
 @register("simple_v3")
 class Simple(MPEEnv):
     def __init__(self, max_cycles: int = 25, continuous_actions: bool = False):
-        world = World([AgentSpec("agent_0", collide=False, silent=True)],
-                      [LandmarkSpec("landmark 0", collide=False)], dim_c=0)
+        world = World(
+            [AgentSpec("agent_0", collide=False, silent=True)],
+            [LandmarkSpec("landmark 0", collide=False)],
+            dim_c=0,
+        )
         super().__init__(world, max_cycles=max_cycles, continuous_actions=continuous_actions)
 
     def observation_blocks(self, s):

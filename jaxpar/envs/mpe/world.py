@@ -63,16 +63,19 @@ class World:
         self.movable = np.array([a.movable for a in agents])
         self.silent = np.array([a.silent for a in agents])
         self.accel = np.array([DEFAULT_ACCEL if a.accel is None else a.accel for a in agents], np.float32)
-        self.max_speed = np.array([np.inf if a.max_speed is None else a.max_speed for a in agents], np.float32)
+        self.max_speed = np.array(
+            [np.inf if a.max_speed is None else a.max_speed for a in agents], np.float32
+        )
         self.landmark_init_range = np.array([lm.init_range for lm in landmarks], np.float32)
         # Contacts: rows are the movable colliding agents (only they feel a force that matters), columns
         # every colliding entity, agents first.
         self.contact_rows = np.flatnonzero([a.collide and a.movable for a in agents])
         self.contact_agent_cols = np.flatnonzero([a.collide for a in agents])
         self.contact_landmark_cols = np.flatnonzero([lm.collide for lm in landmarks])
-        col_sizes = np.concatenate([self.agent_size[self.contact_agent_cols],
-                                    self.landmark_size[self.contact_landmark_cols]])
-        self.contact_dist_min = (self.agent_size[self.contact_rows][:, None] + col_sizes[None, :])
+        col_sizes = np.concatenate(
+            [self.agent_size[self.contact_agent_cols], self.landmark_size[self.contact_landmark_cols]]
+        )
+        self.contact_dist_min = self.agent_size[self.contact_rows][:, None] + col_sizes[None, :]
         col_ids = np.concatenate([self.contact_agent_cols, -1 - self.contact_landmark_cols])
         self.contact_pairs = self.contact_rows[:, None] != col_ids[None, :]
         self.has_contacts = bool(self.contact_pairs.any())
@@ -109,30 +112,37 @@ def take(x: jax.Array, idx: np.ndarray, axis: int = 0) -> jax.Array:
 
 
 def decode_actions(world: World, actions: jax.Array, continuous: bool) -> tuple[jax.Array, jax.Array]:
-    """Actions -> (force [A, 2] already x accel, utterance [A, dim_c]), as mpe2's `_set_action`."""
+    """Actions -> (force [A, 2] already x accel, utterance [A, dim_c]), as mpe2's `_set_action`.
+
+    Discrete: one integer per agent, movement = a % 5 and word = a // 5 for movable agents, word = a for
+    immovable ones. Continuous: [no-op, -x, +x, -y, +y] then the message for movable agents, the message
+    alone for immovable ones; the force is (+x - -x, +y - -y)."""
     A, dim_c = world.num_agents, world.dim_c
+    speaks = dim_c > 0 and not world.silent.all()
+    move_dim = np.where(world.movable, MOVE_DIM, 1)
     if continuous:
         # mpe2's ClipOutOfBoundsWrapper clips to the Box [0, 1] before the env sees the action.
         a = jnp.clip(actions, 0.0, 1.0)
-        u = jnp.stack([a[:, 2] - a[:, 1], a[:, 4] - a[:, 3]], axis=-1) if world.movable.any() else None
+        u = jnp.stack([a[:, 2] - a[:, 1], a[:, 4] - a[:, 3]], axis=-1)
         offset = np.where(world.movable, MOVE_DIM, 0)
-        if dim_c and not world.silent.all():
-            if np.all(offset == offset[0]):
-                c = a[:, offset[0]:offset[0] + dim_c]
-            else:
-                c = jnp.take_along_axis(a, jnp.asarray(offset[:, None] + np.arange(dim_c)), axis=1)
+        if speaks and np.all(offset == offset[0]):
+            c = a[:, offset[0] : offset[0] + dim_c]
+        elif speaks:
+            c = jnp.take_along_axis(a, jnp.asarray(offset[:, None] + np.arange(dim_c)), axis=1)
     else:
         a = actions.astype(jnp.int32)
-        move_dim = np.where(world.movable, MOVE_DIM, 1)
-        move = a % MOVE_DIM if world.movable.all() else a % jnp.asarray(move_dim)
-        ux = (move == 2).astype(jnp.float32) - (move == 1).astype(jnp.float32)
-        uy = (move == 4).astype(jnp.float32) - (move == 3).astype(jnp.float32)
-        u = jnp.stack([ux, uy], axis=-1) if world.movable.any() else None
-        if dim_c and not world.silent.all():
-            word = a // MOVE_DIM if world.movable.all() else a // jnp.asarray(move_dim)
-            c = jax.nn.one_hot(word, dim_c, dtype=jnp.float32)
-    force = jnp.zeros((A, DIM_P), jnp.float32) if u is None else u * world.accel[:, None]
-    if not dim_c or world.silent.all():
+        # A Python int divisor when all agents share it: XLA strength-reduces % and // by a constant.
+        divisor = MOVE_DIM if world.movable.all() else jnp.asarray(move_dim)
+        move = a % divisor
+        u = jnp.stack(
+            [(move == 2).astype(jnp.float32) - (move == 1), (move == 4).astype(jnp.float32) - (move == 3)],
+            axis=-1,
+        )
+        if speaks:
+            c = jax.nn.one_hot(a // divisor, dim_c, dtype=jnp.float32)
+    # Immovable agents' forces are never integrated (see `integrate`), so their u needs no masking.
+    force = u * world.accel[:, None]
+    if not speaks:
         c = jnp.zeros((A, dim_c), jnp.float32)
     elif world.silent.any():
         c = jnp.where(world.silent[:, None], 0.0, c)
@@ -144,14 +154,16 @@ def contact_forces(world: World, agent_pos: jax.Array, landmark_pos: jax.Array) 
 
     mpe2: penetration = logaddexp(0, -(dist - dist_min) / margin) * margin, force = contact_force *
     delta / dist * penetration, equal and opposite for each pair; summing row-wise gives the same total."""
-    cols = jnp.concatenate([take(agent_pos, world.contact_agent_cols),
-                            take(landmark_pos, world.contact_landmark_cols)])
+    cols = jnp.concatenate(
+        [take(agent_pos, world.contact_agent_cols), take(landmark_pos, world.contact_landmark_cols)]
+    )
     delta = take(agent_pos, world.contact_rows)[:, None, :] - cols[None, :, :]  # [R, C, 2]
     dist = jnp.sqrt(jnp.sum(delta * delta, axis=-1))
     k = CONTACT_MARGIN
     penetration = jax.nn.softplus(-(dist - world.contact_dist_min) / k) * k
-    scale = jnp.where(world.contact_pairs, CONTACT_FORCE * penetration / jnp.where(world.contact_pairs, dist, 1.0),
-                      0.0)
+    scale = jnp.where(
+        world.contact_pairs, CONTACT_FORCE * penetration / jnp.where(world.contact_pairs, dist, 1.0), 0.0
+    )
     return jnp.sum(delta * scale[..., None], axis=1)
 
 
@@ -170,7 +182,9 @@ def integrate(world: World, state: MPEState, force: jax.Array) -> tuple[jax.Arra
     if np.isfinite(world.max_speed).any():
         speed = jnp.sqrt(vel[:, 0] * vel[:, 0] + vel[:, 1] * vel[:, 1])
         over = speed > world.max_speed
-        vel = jnp.where(over[:, None], vel / jnp.where(over, speed, 1.0)[:, None] * world.max_speed[:, None], vel)
+        vel = jnp.where(
+            over[:, None], vel / jnp.where(over, speed, 1.0)[:, None] * world.max_speed[:, None], vel
+        )
     if not world.movable.all():
         pos = jnp.where(world.movable[:, None], pos, state.agent_pos)
         vel = jnp.where(world.movable[:, None], vel, state.agent_vel)
@@ -208,11 +222,16 @@ def nearest(rel: jax.Array, n: int | None, *payloads: jax.Array) -> list[jax.Arr
         return arrays
     M = rel.shape[1]
     if M:
-        order = jnp.argsort(norm(rel), axis=1)[:, :min(n, M)]
+        order = jnp.argsort(norm(rel), axis=1)[:, : min(n, M)]
         arrays = [jnp.take_along_axis(a, order[:, :, None], axis=1) for a in arrays]
     if M < n:
         arrays = [jnp.pad(a, ((0, 0), (0, n - M), (0, 0))) for a in arrays]
     return arrays
+
+
+def in_contact(pos_a: jax.Array, size_a: np.ndarray, pos_b: jax.Array, size_b: np.ndarray) -> jax.Array:
+    """[Na, Nb] bool: mpe2's `is_collision` (centre distance below the sum of radii) for every pair."""
+    return norm(relative(pos_a, pos_b)) < (np.asarray(size_a)[:, None] + np.asarray(size_b)[None, :])
 
 
 def boundary_penalty(pos: jax.Array) -> jax.Array:
