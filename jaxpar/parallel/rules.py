@@ -19,15 +19,16 @@ LogicalNames = Sequence[str | None]
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # Parameters. FSDP (ZeRO-3) shards the model dimension of every weight; Megatron tensor parallelism
     # splits heads, MLP hidden units and the vocabulary.
-    # Pipeline stages own contiguous slices of the stacked layers; the embedding and the output layer
-    # are split over the vocabulary across stages too (vocabulary parallelism), so no stage is overloaded.
+    # Pipeline stages own contiguous slices of the stacked layers. (The pipelined step also splits the
+    # vocabulary work across stages; storing the vocabulary over "pipeline" as well aborted XLA:CPU's
+    # compiler with fsdp x tensor x remat, so the tables stay split over "tensor" only.)
     ("layers", "pipeline"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("vocab", ("pipeline", "tensor")),
+    ("vocab", "tensor"),
     ("norm", None),
     ("expert", "expert"),
     # Activations. "length_sp" is the residual stream between tensor-parallel regions: Megatron sequence
