@@ -314,7 +314,7 @@ class RunConfig:
     data: DataConfig
     optimizer: OptimizerConfig
     train: TrainConfig
-    pipeline: PipelineConfig
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 SECTIONS = {field.name: field.type for field in dataclasses.fields(RunConfig)}
