@@ -1,0 +1,47 @@
+"""Train (or evaluate) IPPO / MAPPO on a jaxpar.envs environment.
+
+  python experiments/train_marl.py --config=configs/marl.py:ippo_spread --workdir=/tmp/marl
+  python experiments/train_marl.py --config=configs/marl.py:ippo_spread --workdir=/tmp/marl --mode=eval
+
+Rerunning training with the same --workdir resumes from its latest checkpoint. The workdir gets
+metrics.jsonl, tensorboard/, checkpoints/, config.json and learning_curve.png; eval mode rolls out the
+latest checkpoint and writes eval.json and eval.gif.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxpar.config import ConfigError
+from jaxpar.launch.distributed import maybe_initialize
+from jaxpar.rl.config import from_config_dict
+from jaxpar.rl.loop import evaluate, train
+from jaxpar.train.checkpoint import CheckpointError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/marl.py:smoke.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots, config.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (or resume), or evaluate the latest checkpoint.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    maybe_initialize()
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    try:
+        run = from_config_dict(_CONFIG.value)
+        if _MODE.value == "eval":
+            result = evaluate(run, _WORKDIR.value)
+            print("eval:", result)
+            return
+        final = train(run, _WORKDIR.value)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    print("final:", {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
+                     if not isinstance(v, list)})
+
+
+if __name__ == "__main__":
+    app.run(main)

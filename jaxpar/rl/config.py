@@ -1,0 +1,198 @@
+"""Typed, frozen MARL run configuration, built from a ConfigDict at one boundary (as `jaxpar.config`).
+
+The sections reuse `jaxpar.config`'s strict builder (unknown keys and wrong types fail with one message)
+and its `MeshConfig`, so an RL run is placed on the same mesh description as a language model. Checks
+that need the device count or the environment (batch shards, minibatch sizes, action spaces) live in
+`validate_run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import ml_collections
+
+from jaxpar.config import ConfigError, MeshConfig, _build, _one_of, _require
+
+ALGORITHMS = ("ippo", "mappo")
+NETWORKS = ("ff", "rnn")
+ACTIVATIONS = ("tanh", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    """`id` as registered in `jaxpar.envs`; `kwargs` go to `jaxpar.envs.make(id, **kwargs)`."""
+
+    id: str = "simple_spread_v3"
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    num_envs: int = 16
+
+    def __post_init__(self):
+        _require(self.num_envs >= 1, f"env.num_envs={self.num_envs} must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoConfig:
+    """PPO with IPPO's per-agent critic or MAPPO's centralised critic. One update collects
+    num_steps x env.num_envs transitions per seed, then runs update_epochs passes of num_minibatches."""
+
+    name: str = "ippo"
+    num_steps: int = 128
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    lr: float = 2.5e-4
+    anneal_lr: bool = True
+    normalize_advantages: bool = True
+    clip_value: bool = True
+    # True: a time limit bootstraps from the value of the final observation (the correct target);
+    # False: truncation is treated like termination (JaxMARL's behaviour), for like-for-like comparisons.
+    bootstrap_truncated: bool = True
+
+    def __post_init__(self):
+        _one_of("algo.name", self.name, ALGORITHMS)
+        for name in ("num_steps", "update_epochs", "num_minibatches"):
+            _require(getattr(self, name) >= 1, f"algo.{name}={getattr(self, name)} must be >= 1.")
+        for name in ("gamma", "gae_lambda"):
+            _require(0.0 <= getattr(self, name) <= 1.0, f"algo.{name}={getattr(self, name)} must be in [0, 1].")
+        _require(self.clip_eps > 0, f"algo.clip_eps={self.clip_eps} must be positive.")
+        _require(self.lr > 0, f"algo.lr={self.lr} must be positive.")
+        _require(self.max_grad_norm > 0, f"algo.max_grad_norm={self.max_grad_norm} must be positive.")
+        for name in ("ent_coef", "vf_coef"):
+            _require(getattr(self, name) >= 0, f"algo.{name}={getattr(self, name)} must be >= 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+    """Actor and critic towers of `layers` hidden layers of width `hidden` ("ff"), or an embedding
+    layer, a GRU of width `hidden` and one hidden layer ("rnn"). One set of parameters is shared by
+    all agents; `agent_id` appends a one-hot agent index to every input so they can still differ."""
+
+    kind: str = "ff"
+    hidden: int = 64
+    layers: int = 2
+    activation: str = "tanh"
+    agent_id: bool = False
+
+    def __post_init__(self):
+        _one_of("network.kind", self.kind, NETWORKS)
+        _one_of("network.activation", self.activation, ACTIVATIONS)
+        _require(self.hidden >= 1, f"network.hidden={self.hidden} must be >= 1.")
+        _require(self.layers >= 1, f"network.layers={self.layers} must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MARLTrainConfig:
+    """Budget in env steps per seed (each seed's run sees total_env_steps transitions of env.num_envs
+    envs); num_seeds independent runs are vmapped into one program. `updates_per_call` updates run in
+    one jitted call between host-side logging and checkpoints; log/checkpoint periods are in updates."""
+
+    total_env_steps: int = 1_000_000
+    num_seeds: int = 1
+    seed: int = 0
+    updates_per_call: int = 10
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("total_env_steps", "num_seeds", "updates_per_call", "log_every", "keep_checkpoints"):
+            _require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1.")
+        _require(self.checkpoint_every >= 0, f"train.checkpoint_every={self.checkpoint_every} must be >= 0.")
+        _require(0 <= self.seed < 2**31, f"train.seed={self.seed} must be in [0, 2**31).")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation mode: roll out `episodes` episodes of seed `seed_index`'s checkpointed policy."""
+
+    episodes: int = 1
+    greedy: bool = True
+    seed_index: int = 0
+    fps: int = 10
+
+    def __post_init__(self):
+        _require(self.episodes >= 1, f"eval.episodes={self.episodes} must be >= 1.")
+        _require(self.seed_index >= 0, f"eval.seed_index={self.seed_index} must be >= 0.")
+        _require(self.fps >= 1, f"eval.fps={self.fps} must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MARLRunConfig:
+    env: EnvConfig
+    algo: AlgoConfig
+    network: NetworkConfig
+    mesh: MeshConfig
+    train: MARLTrainConfig
+    eval: EvalConfig
+
+    @property
+    def steps_per_update(self) -> int:
+        """Env steps of one seed per update."""
+        return self.env.num_envs * self.algo.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        return self.train.total_env_steps // self.steps_per_update
+
+
+SECTIONS = {field.name: field.type for field in dataclasses.fields(MARLRunConfig)}
+
+
+def from_config_dict(config: ml_collections.ConfigDict | dict) -> MARLRunConfig:
+    """The one boundary from a (user-edited) ConfigDict to typed, validated MARL configs."""
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    _require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(SECTIONS)}.")
+    hints = typing.get_type_hints(MARLRunConfig)
+    sections = {name: _build(hints[name], name, dict(raw.get(name, {}))) for name in SECTIONS}
+    run = MARLRunConfig(**sections)
+    _require(run.num_updates >= 1,
+             f"train.total_env_steps={run.train.total_env_steps} is less than one update of env.num_envs x "
+             f"algo.num_steps = {run.steps_per_update} env steps; raise it or shrink the update.")
+    return run
+
+
+def to_dict(run: MARLRunConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(run)
+
+
+def validate_run(run: MARLRunConfig, num_devices: int, env) -> dict[str, int]:
+    """Checks that need the device count or the environment. Returns the resolved mesh axis sizes."""
+    from jaxpar.envs import spaces
+
+    sizes = run.mesh.resolve(num_devices)
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    algo, num_envs = run.algo, run.env.num_envs
+    _require(num_envs % shards == 0,
+             f"env.num_envs={num_envs} is not divisible by mesh.data*mesh.fsdp*mesh.expert={shards}; the env "
+             f"batch is split evenly over those axes. Use a multiple of {shards}.")
+    _require(isinstance(env.action_space, spaces.Discrete),
+             f"env {run.env.id!r} with kwargs {run.env.kwargs} has continuous actions; the PPO heads here are "
+             "categorical. Use discrete actions (e.g. env.kwargs.continuous_actions=False).")
+    if run.network.kind == "rnn":
+        # Recurrent minibatches are whole env sequences.
+        _require(num_envs % algo.num_minibatches == 0 and (num_envs // algo.num_minibatches) % shards == 0,
+                 f"network.kind='rnn' splits the env.num_envs={num_envs} sequences into "
+                 f"algo.num_minibatches={algo.num_minibatches} minibatches, each split over {shards} batch "
+                 f"shards; make num_envs a multiple of num_minibatches*{shards}={algo.num_minibatches * shards}.")
+    else:
+        samples = num_envs * algo.num_steps
+        _require(samples % (algo.num_minibatches * shards) == 0,
+                 f"an update's {samples} env steps (num_envs*num_steps, all agents of a step kept together) do "
+                 f"not split into algo.num_minibatches={algo.num_minibatches} minibatches over {shards} batch "
+                 f"shards; choose num_minibatches so that {algo.num_minibatches * shards} divides {samples}.")
+    _require(sizes["fsdp"] * sizes["tensor"] == 1 or run.network.hidden % (sizes["fsdp"] * sizes["tensor"]) == 0,
+             f"network.hidden={run.network.hidden} is not divisible by mesh.fsdp*mesh.tensor="
+             f"{sizes['fsdp'] * sizes['tensor']}; sharded policy weights split the hidden width evenly.")
+    return sizes
+
+
+__all__ = ["ConfigError", "MARLRunConfig", "from_config_dict", "validate_run", "to_dict"]

@@ -1,0 +1,94 @@
+"""Rollout collection: `num_steps` steps of a batch of envs and the policy in one `lax.scan`.
+
+The env is `EpisodeStats(VecEnv(env, num_envs))`: autoreset inside, `info["final_obs"]` kept for
+bootstrapping truncated episodes, per-agent episode returns reported on the step an episode ends.
+Actions are drawn with one key per step for the whole [E, A] batch: threefry is partitionable (jax's
+default), so each env's draw is the same however the batch is split over devices.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxpar.envs.wrappers import episode_done
+from jaxpar.parallel.rules import constrain
+
+
+@struct.dataclass
+class RolloutState:
+    env_state: object
+    obs: jax.Array  # [E, A, D] the observation the policy acts on next
+    carry: object  # network carry at `obs` (() for feed-forward networks)
+    reset: jax.Array  # [E] bool: `obs` starts a new episode (recurrent state is zeroed first)
+
+
+@struct.dataclass
+class Transition:
+    obs: jax.Array  # [E, A, D]
+    actions: jax.Array  # [E, A]
+    log_probs: jax.Array  # [E, A]
+    values: jax.Array  # [E, A]
+    rewards: jax.Array  # [E, A]
+    terminated: jax.Array  # [E, A]
+    truncated: jax.Array  # [E, A]
+    reset: jax.Array  # [E] bool: obs started an episode
+    final_obs: jax.Array  # [E, A, D] the observation this step reached (before any autoreset)
+    carry: object  # network carry after this step (recurrent bootstrap values need it)
+    episode_done: jax.Array  # [E] bool
+    episode_return: jax.Array  # [E, A] return of the episode that ended here (valid where episode_done)
+    episode_length: jax.Array  # [E]
+
+
+# (params, carry, obs [E, A, D], reset [E]) -> (carry, logits [E, A, n], values [E, A])
+PolicyStep = Callable[..., tuple]
+
+
+def batch_names(x) -> tuple:
+    return ("batch",) + (None,) * (x.ndim - 1)
+
+
+def constrain_batch(tree):
+    """Keep every leaf's leading env axis on the mesh's batch axes."""
+    return jax.tree.map(lambda x: constrain(x, batch_names(x)), tree)
+
+
+def collect(vec_env, policy_step: PolicyStep, params, state: RolloutState, key: jax.Array, num_steps: int,
+            sample: Callable[[jax.Array, jax.Array], jax.Array]):
+    """(final RolloutState, Transition stacked on a leading [num_steps] axis)."""
+
+    def body(state: RolloutState, step_key):
+        k_act, k_env = jax.random.split(step_key)
+        carry, logits, values = policy_step(params, state.carry, state.obs, state.reset)
+        actions = constrain(sample(k_act, logits), ("batch", None))
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), actions[..., None], axis=-1)[..., 0]
+        obs, env_state, reward, terminated, truncated, info = vec_env.step(k_env, state.env_state, actions)
+        done = episode_done(terminated, truncated)
+        transition = Transition(
+            obs=state.obs, actions=actions, log_probs=logp, values=values, rewards=reward,
+            terminated=terminated, truncated=truncated, reset=state.reset, final_obs=info["final_obs"],
+            carry=carry, episode_done=info["returned_episode"],
+            episode_return=info["returned_episode_return"], episode_length=info["returned_episode_length"])
+        next_state = constrain_batch(RolloutState(env_state=env_state, obs=obs, carry=carry, reset=done))
+        return next_state, transition
+
+    return jax.lax.scan(body, state, jax.random.split(key, num_steps))
+
+
+def episode_metrics(traj: Transition) -> dict:
+    """Mean per-agent return and length of the episodes that ended during the rollout (NaN if none)."""
+    done = traj.episode_done.astype(jnp.float32)  # [T, E]
+    count = jnp.sum(done)
+    safe = jnp.maximum(count, 1.0)
+    per_agent = jnp.sum(done[..., None] * traj.episode_return, axis=(0, 1)) / safe  # [A]
+    length = jnp.sum(done * traj.episode_length) / safe
+    nan = jnp.float32(jnp.nan)
+    return {
+        "return_per_agent": jnp.where(count > 0, per_agent, nan),
+        "episode_return": jnp.where(count > 0, jnp.mean(per_agent), nan),
+        "episode_length": jnp.where(count > 0, length, nan),
+        "episodes": count,
+    }
