@@ -5,6 +5,7 @@ small     tens of millions of parameters, a CPU hour
 llama_1b  Llama-3.2-1B shapes (for accelerators; validated and compiled abstractly in CI)
 llama_7b  Llama-2-7B shapes (for accelerators; validated and compiled abstractly in CI)
 moe_smoke smoke with 8 experts, expert parallel on CPU
+long_smoke  smoke on 1024-token sequences split four ways (ring attention, zigzag layout)
 mixtral_8x7b  Mixtral-8x7B shapes (for accelerators)
 """
 
@@ -17,6 +18,8 @@ def base() -> ml_collections.ConfigDict:
         vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
         max_seq_len=2048, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, attention_impl="xla",
         remat="none", param_dtype="float32", dtype="float32", init_std=0.02,
+        sequence_parallel="ring", ulysses_degree=0, mixer="softmax", softmax_every=4, linear_gate="scalar",
+        linear_chunk=64,
     ))
     c.model.moe = ml_collections.ConfigDict(dict(
         experts=0, top_k=2, d_ff=256, shared_experts=0, router="softmax", capacity_factor=0.0,
@@ -76,6 +79,16 @@ def moe_smoke(c):
     c.mesh.update(data=2, fsdp=1, expert=4, tensor=1)
 
 
+def long_smoke(c):
+    """smoke on 1024-token sequences, each split over mesh.sequence=4 (x data=2). Other variants:
+    --config.model.sequence_parallel=ulysses|usp|allgather; linear attention (LASP-2):
+    --config.model.mixer=linear or hybrid."""
+    smoke(c)
+    c.model.update(max_seq_len=4096, sequence_parallel="ring")
+    c.mesh.update(data=2, fsdp=1, sequence=4, tensor=1)
+    c.train.update(global_batch=4, seq_len=1024)
+
+
 def mixtral_8x7b(c):
     c.model.update(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                    d_ff=14336, max_seq_len=32768, rope_theta=1e6, tie_embeddings=False, remat="full",
@@ -89,7 +102,7 @@ def mixtral_8x7b(c):
 
 
 PRESETS = {"smoke": smoke, "small": small, "llama_1b": llama_1b, "llama_7b": llama_7b,
-           "moe_smoke": moe_smoke, "mixtral_8x7b": mixtral_8x7b}
+           "moe_smoke": moe_smoke, "long_smoke": long_smoke, "mixtral_8x7b": mixtral_8x7b}
 
 
 def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:

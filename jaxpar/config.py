@@ -21,8 +21,10 @@ from jaxpar.parallel.schedules import SCHEDULES, Schedule, ScheduleError, cached
 # Names accepted by jaxpar.kernels.attention.attention; "auto" picks the best for the inputs and backend.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
 MESH_AXES = ("pipeline", "data", "fsdp", "expert", "sequence", "tensor")
-# Axes whose collectives exist; the others are accepted in configs and rejected at a size > 1.
-IMPLEMENTED_MESH_AXES = ("pipeline", "data", "fsdp", "expert", "tensor")
+# How attention crosses sequence shards (jaxpar.parallel.sequence.VARIANTS).
+SEQUENCE_PARALLEL = ("ring", "ulysses", "usp", "allgather")
+# Token mixers: softmax attention, linear attention (LASP-2 when sequence-parallel), or both interleaved.
+MIXERS = ("softmax", "linear", "hybrid")
 
 
 class ConfigError(ValueError):
@@ -84,6 +86,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     init_std: float = 0.02
+    sequence_parallel: str = "ring"  # used when mesh.sequence > 1; see jaxpar.parallel.sequence
+    ulysses_degree: int = 0  # usp: Ulysses group size inside the sequence axis (0: the largest that fits)
+    mixer: str = "softmax"
+    softmax_every: int = 4  # hybrid: every softmax_every-th layer is softmax attention, the rest linear
+    linear_gate: str = "scalar"  # linear attention: "none" (plain) or "scalar" (gated decay per KV head)
+    linear_chunk: int = 64  # linear attention chunk length
     moe: MoEConfig = MoEConfig()
 
     def __post_init__(self):
@@ -98,6 +106,18 @@ class ModelConfig:
         _one_of("model.remat", self.remat, ("none", "full", "save_dots"))
         _one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.sequence_parallel", self.sequence_parallel, SEQUENCE_PARALLEL)
+        _one_of("model.mixer", self.mixer, MIXERS)
+        _one_of("model.linear_gate", self.linear_gate, ("none", "scalar"))
+        _require(self.ulysses_degree >= 0,
+                 f"model.ulysses_degree={self.ulysses_degree} must be >= 0 (0 = auto).")
+        _require(self.linear_chunk >= 1, f"model.linear_chunk={self.linear_chunk} must be positive.")
+        if self.mixer == "hybrid":
+            _require(
+                self.softmax_every >= 2 and self.n_layers % self.softmax_every == 0,
+                f"model.mixer='hybrid' repeats groups of model.softmax_every={self.softmax_every} layers "
+                f"(the last one softmax); it must be >= 2 and divide model.n_layers={self.n_layers}.",
+            )
 
     @property
     def n_params(self) -> int:
@@ -109,7 +129,21 @@ class ModelConfig:
                    + self.d_model * self.moe.experts)
         per_layer = attn + mlp + 2 * self.d_model
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-        return self.n_layers * per_layer + embed + self.d_model
+        return self.n_layers * per_layer + self.linear_layers * self._linear_extra + embed + self.d_model
+
+    @property
+    def linear_layers(self) -> int:
+        """How many layers mix tokens by linear attention (mixer 'linear' or 'hybrid')."""
+        if self.mixer == "hybrid":
+            return self.n_layers - self.n_layers // self.softmax_every
+        return self.n_layers if self.mixer == "linear" else 0
+
+    @property
+    def _linear_extra(self) -> int:
+        """Parameters a linear-attention layer has beyond softmax attention's: the output norm scale, and
+        the decay gate (weights and bias per KV head) when gated."""
+        gate = self.d_model * self.n_kv_heads + self.n_kv_heads if self.linear_gate == "scalar" else 0
+        return self.head_dim + gate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +165,6 @@ class MeshConfig:
             sum(size == -1 for size in sizes.values()) <= 1,
             f"mesh={sizes} has more than one axis set to -1; at most one axis can take the remaining devices.",
         )
-        for name in MESH_AXES:
-            if name not in IMPLEMENTED_MESH_AXES and sizes[name] != 1:
-                raise ConfigError(
-                    f"mesh.{name}={sizes[name]}: {name} parallelism is not implemented yet; "
-                    f"set mesh.{name}=1 and use {list(IMPLEMENTED_MESH_AXES)}."
-                )
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in MESH_AXES}
@@ -293,6 +321,9 @@ class PipelineConfig:
                  f"model.moe.experts={model_cfg.moe.experts}: the pipeline runs dense blocks only (the MoE "
                  "router's auxiliary losses and statistics are not carried through the stages yet); use "
                  "model.moe.experts=0 or mesh.pipeline=1.")
+        _require(model_cfg.mixer == "softmax",
+                 f"model.mixer={model_cfg.mixer!r}: the pipeline stages run softmax-attention blocks only; "
+                 "use model.mixer='softmax' or mesh.pipeline=1.")
         for axis in ("expert", "sequence"):
             _require(mesh_sizes.get(axis, 1) == 1,
                      f"mesh.{axis}={mesh_sizes.get(axis)}: the pipeline does not compose with {axis} "
@@ -355,6 +386,56 @@ def to_dict(run: RunConfig) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(run)
 
 
+def default_ulysses_degree(sequence: int, heads: int, kv_heads: int) -> int:
+    """USP's Ulysses group size when model.ulysses_degree is 0: the largest divisor of `sequence`, short of
+    `sequence` itself (so the ring has at least two groups), that divides the per-device query and KV
+    head counts."""
+    return max(u for u in range(1, max(sequence, 2)) if sequence % u == 0 and heads % u == 0
+               and kv_heads % u == 0)
+
+
+def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict[str, int]) -> None:
+    """mesh.sequence > 1: the sequence must split into the chunks the layout needs, and Ulysses needs
+    heads (and KV heads) per tensor shard divisible by its group size."""
+    sequence, tensor = sizes["sequence"], sizes["tensor"]
+    if sequence == 1:
+        return
+    _require(
+        train.seq_len % (sequence * tensor) == 0,
+        f"train.seq_len={train.seq_len} is not divisible by mesh.sequence*mesh.tensor={sequence * tensor}; "
+        "the residual stream is split over both.",
+    )
+    variant = model.sequence_parallel
+    heads, kv_heads = model.n_heads // tensor, model.n_kv_heads // tensor
+    zigzag = sequence  # ring and allgather balance causal work with a zigzag over every sequence shard
+    if model.mixer == "linear":
+        zigzag = 1
+    elif variant == "ulysses":
+        zigzag = 1
+        _require(
+            heads % sequence == 0 and kv_heads % sequence == 0,
+            f"model.sequence_parallel='ulysses' splits heads over mesh.sequence={sequence}, but each tensor "
+            f"shard has {heads} query heads and {kv_heads} key/value heads (model.n_heads={model.n_heads}, "
+            f"model.n_kv_heads={model.n_kv_heads}, mesh.tensor={tensor}); both must divide by {sequence}. "
+            "Use sequence_parallel='usp' with a smaller model.ulysses_degree, or 'ring'.",
+        )
+    elif variant == "usp":
+        degree = model.ulysses_degree or default_ulysses_degree(sequence, heads, kv_heads)
+        _require(
+            sequence % degree == 0 and heads % degree == 0 and kv_heads % degree == 0,
+            f"model.ulysses_degree={degree} must divide mesh.sequence={sequence} and the {heads} query and "
+            f"{kv_heads} key/value heads of each tensor shard.",
+        )
+        zigzag = sequence // degree
+    pieces = 2 * sequence if zigzag > 1 else sequence
+    _require(
+        train.seq_len % pieces == 0,
+        f"train.seq_len={train.seq_len} is not divisible by {pieces}: mesh.sequence={sequence} with "
+        f"sequence_parallel={variant!r} cuts every sequence into {pieces} equal chunks"
+        + (" (zigzag layout)." if zigzag > 1 else "."),
+    )
+
+
 def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
     """Checks that need the device count or span sections. Returns the resolved mesh axis sizes."""
     sizes = run.mesh.resolve(num_devices)
@@ -391,6 +472,7 @@ def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
         f"train.seq_len={train.seq_len} is not divisible by mesh.tensor={tensor}; sequence-parallel "
         "activations split the sequence across the tensor axis.",
     )
+    _check_sequence_parallel(model, train, sizes)
     _require(
         train.seq_len <= model.max_seq_len,
         f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model.max_seq_len}.",

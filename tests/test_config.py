@@ -45,7 +45,7 @@ def test_unknown_preset():
         ({"model.remat": "some"}, r"model.remat='some' is not supported; choose one of"),
         ({"model.attention_impl": "flash"}, r"model.attention_impl='flash' is not supported"),
         ({"pipeline.schedule": "pipedream"}, r"pipeline.schedule='pipedream' is not supported"),
-        ({"mesh.sequence": 2}, r"mesh.sequence=2: sequence parallelism is not implemented yet"),
+        ({"model.mixer": "mamba"}, r"model.mixer='mamba' is not supported; choose one of"),
         ({"model.moe.top_k": 3, "model.moe.experts": 2}, r"model.moe.top_k=3 must be between 1 and "
                                                           r"model.moe.experts=2"),
         ({"model.moe.router": "relu"}, r"model.moe.router='relu' is not supported"),

@@ -12,10 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpar.config import ModelConfig
-from jaxpar.kernels.attention import attention
+from jaxpar.models.linear_attention import LinearAttention
 from jaxpar.models.moe import MoE
 from jaxpar.models.params import param as _param
 from jaxpar.parallel.rules import constrain
+from jaxpar.parallel.sequence import sequence_attention
 
 RESIDUAL = ("batch", "length_sp", "act_embed")
 FULL_LENGTH = ("batch", "length", "act_embed")
@@ -65,9 +66,11 @@ class Attention(nnx.Module):
         q_BTNH = constrain(rope(q_BTNH, positions_BT, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
         k_BTKH = constrain(rope(k_BTKH, positions_BT, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
         v_BTKH = constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
-        out_BTNH = attention(
+        # Plain `attention` unless the mesh splits the sequence; then the configured variant.
+        out_BTNH = sequence_attention(
             q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids_BT, causal=True,
-            implementation=cfg.attention_impl,
+            implementation=cfg.attention_impl, variant=cfg.sequence_parallel,
+            ulysses_degree=cfg.ulysses_degree,
         )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dtype))
@@ -98,9 +101,9 @@ class Block(nnx.Module):
     the activation (not the column-parallel weight) the thing that is all-gathered into each tensor-
     parallel region."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mixer: str = "softmax"):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = LinearAttention(cfg, rngs=rngs) if mixer == "linear" else Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
@@ -118,9 +121,9 @@ class MoEBlock(Block):
     """A block whose MLP is a mixture of experts (plus optional always-on shared experts); returns the
     router statistics beside the activations."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mixer: str = "softmax"):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = LinearAttention(cfg, rngs=rngs) if mixer == "linear" else Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
         self.moe = MoE(cfg, rngs=rngs)
         shared_ff = cfg.moe.shared_experts * cfg.moe.d_ff
@@ -135,6 +138,35 @@ class MoEBlock(Block):
         return constrain(x_BTD + y_BTD, RESIDUAL), stats
 
 
+def _run_layer(block, x_BTD, positions_BT, segment_ids_BT):
+    out = block(x_BTD, positions_BT, segment_ids_BT)
+    return out if isinstance(out, tuple) else (out, {})
+
+
+class HybridGroup(nnx.Module):
+    """softmax_every - 1 linear-attention blocks (scanned), then one softmax-attention block. The model
+    scans over these groups; statistics come back one row per layer, in layer order."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        block_type = MoEBlock if cfg.moe.experts else Block
+
+        # The group's own stack axis is not split ("layers", the outer one, may be: two would collide).
+        @nnx.split_rngs(splits=cfg.softmax_every - 1)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+        def make_linear(rngs):
+            return block_type(cfg, rngs=rngs, mixer="linear")
+
+        self.linear = make_linear(rngs)
+        self.softmax = block_type(cfg, rngs=rngs, mixer="softmax")
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        graphdef, stacked = nnx.split(self.linear)
+        x_BTD, linear_stats = jax.lax.scan(
+            lambda x, p: _run_layer(nnx.merge(graphdef, p), x, positions_BT, segment_ids_BT), x_BTD, stacked)
+        x_BTD, stats = _run_layer(self.softmax, x_BTD, positions_BT, segment_ids_BT)
+        return x_BTD, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), linear_stats, stats)
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -142,11 +174,14 @@ class Transformer(nnx.Module):
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
 
         block_type = MoEBlock if cfg.moe.experts else Block
+        hybrid = cfg.mixer == "hybrid"
 
-        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.split_rngs(splits=cfg.n_layers // cfg.softmax_every if hybrid else cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return block_type(cfg, rngs=rngs)
+            if hybrid:
+                return HybridGroup(cfg, rngs=rngs)
+            return block_type(cfg, rngs=rngs, mixer=cfg.mixer)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(D, cfg.norm_eps, cfg.param_dtype)
@@ -166,12 +201,13 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
 
         def layer(x_BTD, layer_params):
-            out = nnx.merge(graphdef, layer_params)(x_BTD, positions_BT, segment_ids_BT)
-            return out if isinstance(out, tuple) else (out, {})
+            return _run_layer(nnx.merge(graphdef, layer_params), x_BTD, positions_BT, segment_ids_BT)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         x_BTD, stats = jax.lax.scan(layer, x_BTD, stacked)
+        if cfg.mixer == "hybrid":  # [groups, softmax_every, ...] -> [layers, ...]
+            stats = jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats)
 
         x_BTD = constrain(self.final_norm(x_BTD), FULL_LENGTH)
         if cfg.tie_embeddings:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from jaxpar.config import RunConfig, to_dict, validate_run
 from jaxpar.parallel import pipeline
+from jaxpar.parallel import sequence as sequence_lib
 from jaxpar.parallel.mesh import describe, make_mesh
 from jaxpar.train import data, metrics as metrics_lib, state as state_lib, step as step_lib
 from jaxpar.train.checkpoint import Checkpointer
@@ -59,8 +60,11 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def place_batch(batch: dict[str, np.ndarray], mesh, global_batch: int) -> dict[str, jax.Array]:
-    """This process's rows -> one global array per key, sharded over the batch axes."""
+def place_batch(batch: dict[str, np.ndarray], mesh, global_batch: int,
+                zigzag: int = 1) -> dict[str, jax.Array]:
+    """This process's rows -> one global array per key, sharded over the batch axes. `zigzag` > 1 first
+    permutes every row into the sequence-parallel zigzag layout (jaxpar.parallel.sequence)."""
+    batch = sequence_lib.zigzag_batch(batch, zigzag)
     sharding = step_lib.batch_sharding(mesh)
     return {
         key: jax.make_array_from_process_local_data(sharding, batch[key], (global_batch, *batch[key].shape[1:]))
@@ -93,7 +97,8 @@ def evaluate(eval_step, params, run: RunConfig, mesh) -> float:
     )
     loss_sum = count = 0.0
     for _ in range(run.train.eval_batches):
-        s, c = eval_step(params, place_batch(next(batches), mesh, run.train.global_batch))
+        s, c = eval_step(params, place_batch(next(batches), mesh, run.train.global_batch,
+                                             sequence_lib.run_zigzag_factor(run.model, dict(mesh.shape))))
         loss_sum, count = loss_sum + float(s), count + float(c)
     return loss_sum / max(count, 1.0)
 
@@ -148,6 +153,7 @@ def train(run: RunConfig, workdir: str) -> dict:
 
 def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer) -> dict:
     tcfg = run.train
+    zigzag = sequence_lib.run_zigzag_factor(run.model, dict(mesh.shape))
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
     tokens_per_step = tcfg.global_batch * tcfg.seq_len
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
@@ -185,7 +191,8 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
 
     with _Preemption() as preemption:
         for step in range(start + 1, tcfg.steps + 1):
-            state, step_metrics = train_step(state, place_batch(next(batches), mesh, tcfg.global_batch))
+            state, step_metrics = train_step(state, place_batch(next(batches), mesh, tcfg.global_batch,
+                                                                zigzag))
             if pending is not None:
                 finish(pending)
             pending = (step, step_metrics)

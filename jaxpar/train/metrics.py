@@ -36,11 +36,14 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """6 * N (forward + backward matmuls) with N the parameters that take part in matmuls (everything but
     the input embedding lookup and norms; the output projection counts even when tied), plus attention
     scores and values: 12 * layers * heads * head_dim * seq_len, halved because causal masking skips
-    half of the score matrix."""
+    half of the score matrix. A linear-attention layer sees half a chunk within its chunk, and a
+    head_dim x head_dim state (read and written once per token) instead of the rest of the sequence."""
     D, L = cfg.d_model, cfg.n_layers
     matmul_params = L * (D * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * D * cfg.d_ff)
     matmul_params += D * cfg.vocab_size
-    attention = 12 * L * cfg.n_heads * cfg.head_dim * seq_len * 0.5
+    linear_keys = 0.5 * min(cfg.linear_chunk, seq_len) + cfg.head_dim
+    keys_per_token = (L - cfg.linear_layers) * 0.5 * seq_len + cfg.linear_layers * linear_keys
+    attention = 12 * cfg.n_heads * cfg.head_dim * keys_per_token
     return 6 * matmul_params + attention
 
 
