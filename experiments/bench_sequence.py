@@ -12,8 +12,8 @@ Part 2, memory: per-device memory of the compiled train step vs sequence length 
 Part 3, balance: query-key pairs each device's ring computes under causal masking, contiguous vs zigzag
   layout, counted while the ring runs (a counting block function) and from the static schedule.
 
-Parts 1b and 2 need the model wiring (ModelConfig.sequence_parallel / mixer); without it they are skipped
-with a note. Writes results.json and README.md into --out.
+Writes results.json (a run of some --parts keeps the others' results), README.md and memory.png into
+--out.
 """
 
 import os
@@ -48,7 +48,6 @@ _OUT = flags.DEFINE_string("out", "benchmarks/sequence", "Directory for results.
 _PARTS = flags.DEFINE_list("parts", ["bytes", "memory", "balance"], "Which parts to run.")
 _BUDGET_MIB = flags.DEFINE_float("budget_mib", 1024.0, "Per-device memory budget for part 2 (MiB).")
 
-WIRED = "sequence_parallel" in {f.name for f in dataclasses.fields(ModelConfig)}
 SEQUENCES = (2, 4, 8)
 MiB = 2**20
 
@@ -132,7 +131,7 @@ def part_bytes() -> dict:
                          "terms": terms, "ops": got["ops"], "compile_s": round(time.time() - t0, 1)})
             print(f"bytes {name:28s} n={n}: measured {sum(got['measured'].values()) / MiB:8.3f} MiB, "
                   f"expected {sum(want.values()) / MiB:8.3f} MiB", flush=True)
-    return {"shapes": OP, "rows": rows, "model": part_bytes_in_model() if WIRED else None}
+    return {"shapes": OP, "rows": rows, "model": part_bytes_in_model()}
 
 
 MODEL = dict(vocab_size=256, d_model=256, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=32, d_ff=768)
@@ -178,13 +177,11 @@ LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 
 
 def part_memory() -> dict:
-    if not WIRED:
-        return {"skipped": "the model wiring (ModelConfig.sequence_parallel, mixer) is not applied"}
     # The xla implementation switches to its blockwise path (no T x T buffer, like a flash kernel) above
     # DENSE_MAX_LOGITS; force it everywhere so that the ring's dense blocks do not mix a quadratic term in.
     attention_lib.DENSE_MAX_LOGITS = 0
     rows = []
-    plans = [("ring", "softmax", LENGTHS), ("ulysses", "softmax", (8192, 32768)),
+    plans = [("ring", "softmax", LENGTHS), ("ulysses", "softmax", (8192, 32768, 131072)),
              ("ring", "linear", (8192, 32768, 131072))]
     for variant, mixer, lengths in plans:
         name = "lasp2" if mixer == "linear" else variant
@@ -284,8 +281,9 @@ def readme(results: dict) -> str:
         f"{meta['backend']}; jax {meta['jax']}, jaxlib {meta['jaxlib']}, flax {meta['flax']}. 8 simulated "
         "CPU devices. **No GPU was available for this run**: nothing here is a timing; every number is read "
         "off compiled XLA:CPU programs (bytes, buffer sizes) or counted while the program runs (blocks). "
-        "Raw numbers and every collective op: `results.json`."
-        + ("" if meta["wired"] else " The model was not wired for sequence parallelism: model parts skipped."),
+        "Raw numbers and every collective op: `results.json`. Parts run on: "
+        + ", ".join(f"{name} {results[name]['meta']['date']}" for name in ("bytes", "memory", "balance")
+                    if name in results and "meta" in results[name]) + ".",
         "",
     ]
     if "bytes" in results:
@@ -399,13 +397,11 @@ def readme(results: dict) -> str:
         "- Ulysses moves 1/n of every activation per all-to-all, so its bytes fall as 1/n; the ring's grow "
         "towards 2x(K+V) per direction, independent of n. LASP-2 moves states (K x H x H per piece), "
         "independent of the sequence length.",
-        "- Memory, n=1 and Ulysses: with the sequence on one device (n=1) or whole inside Ulysses' "
-        "shard_map, attention runs `jaxpar.kernels.attention.attention` directly inside the model's "
-        "differentiated layer scan, and there its blockwise (chunked) path compiles to a program that keeps "
-        "[q chunks x k chunks] tiles (quadratic in T; seen as an f32[nq, nk, B, K, G, 512, 512] buffer). "
-        "Outside a scan, or without the causal block skip (its lax.cond), the same call is linear. The "
-        "ring calls the kernel inside its own custom_vjp and is not affected. Reported to the kernels "
-        "owner; until it is fixed, compare the ring's n=2, 4, 8 rows with each other.",
+        "- Memory: every variant's peak grows about linearly in T, so the longest sequence in a fixed budget "
+        "grows with n for the ring and LASP-2 (K/V and states of one block in flight); Ulysses holds the "
+        "whole sequence for 1/n of the heads, so its activations shrink with n but its K/V do not. (An "
+        "earlier run showed n=1 and Ulysses quadratic: JAX hoisted the blockwise path's mask tiles out of "
+        "the layer scan; fixed in jaxpar/kernels/chunked_attention.py, tested in tests/test_attention.py.)",
         "",
     ]
     return "\n".join(lines)
@@ -419,13 +415,45 @@ def main(argv):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "backend": jax.default_backend(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__, "devices": jax.device_count(), "wired": WIRED}}
+        "flax": flax.__version__, "devices": jax.device_count()}}
     parts = {"bytes": part_bytes, "memory": part_memory, "balance": part_balance}
+    previous = out / "results.json"
+    if previous.exists():  # parts not rerun keep their results, and the date and versions they ran with
+        kept = json.loads(previous.read_text())
+        for name in set(parts) - set(_PARTS.value):
+            if name in kept:
+                results[name] = {**kept[name], "meta": kept[name].get("meta", kept["meta"])}
     for name in _PARTS.value:
-        results[name] = parts[name]()
+        results[name] = {**parts[name](), "meta": results["meta"]}
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     (out / "README.md").write_text(readme(results))
-    print(f"wrote {out / 'results.json'} and {out / 'README.md'}")
+    if "memory" in results:
+        plot_memory(results["memory"], out / "memory.png")
+    print(f"wrote {out / 'results.json'}, {out / 'README.md'} and {out / 'memory.png'}")
+
+
+def plot_memory(memory: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["variant"] for r in memory["rows"]})
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), sharey=True)
+    for ax, name in zip(np.atleast_1d(axes), names):
+        for n in sorted({r["sequence"] for r in memory["rows"]}):
+            pts = sorted((r["seq_len"], r["peak_estimate"] / MiB) for r in memory["rows"]
+                         if r["variant"] == name and r["sequence"] == n)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"sequence={n}")
+        ax.axhline(memory["budget_mib"], color="gray", linestyle="--", linewidth=1, label="budget")
+        ax.set(xscale="log", yscale="log", xlabel="sequence length T", title=name)
+        ax.legend(fontsize=8)
+    np.atleast_1d(axes)[0].set_ylabel("peak memory per device (MiB)")
+    fig.suptitle("Train step memory per device vs sequence length (compiled, XLA:CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

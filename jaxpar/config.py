@@ -31,13 +31,14 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the value and the fix."""
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """ConfigError(message) unless condition: every check of a config (here and in jaxpar.rl.config)."""
     if not condition:
         raise ConfigError(message)
 
 
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    require(value in allowed, f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +57,16 @@ class MoEConfig:
     bias_update_rate: float = 1e-3
 
     def __post_init__(self):
-        _require(self.experts >= 0, f"model.moe.experts={self.experts} must be >= 0 (0 = dense MLPs).")
+        require(self.experts >= 0, f"model.moe.experts={self.experts} must be >= 0 (0 = dense MLPs).")
         if self.experts:
-            _require(1 <= self.top_k <= self.experts,
-                     f"model.moe.top_k={self.top_k} must be between 1 and model.moe.experts={self.experts}.")
-        _require(self.d_ff > 0, f"model.moe.d_ff={self.d_ff} must be positive.")
-        _require(self.shared_experts >= 0, f"model.moe.shared_experts={self.shared_experts} must be >= 0.")
-        _one_of("model.moe.router", self.router, ("softmax", "sigmoid"))
-        _one_of("model.moe.balance", self.balance, ("aux_loss", "bias"))
-        _require(self.capacity_factor >= 0,
-                 f"model.moe.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless).")
+            require(1 <= self.top_k <= self.experts,
+                    f"model.moe.top_k={self.top_k} must be between 1 and model.moe.experts={self.experts}.")
+        require(self.d_ff > 0, f"model.moe.d_ff={self.d_ff} must be positive.")
+        require(self.shared_experts >= 0, f"model.moe.shared_experts={self.shared_experts} must be >= 0.")
+        one_of("model.moe.router", self.router, ("softmax", "sigmoid"))
+        one_of("model.moe.balance", self.balance, ("aux_loss", "bias"))
+        require(self.capacity_factor >= 0,
+                f"model.moe.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,24 +97,24 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
-            _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive.")
-        _require(
+            require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive.")
+        require(
             self.n_heads % self.n_kv_heads == 0,
             f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
             "grouped-query attention needs every KV head to serve the same number of query heads.",
         )
-        _one_of("model.attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)
-        _one_of("model.remat", self.remat, ("none", "full", "save_dots"))
-        _one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
-        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
-        _one_of("model.sequence_parallel", self.sequence_parallel, SEQUENCE_PARALLEL)
-        _one_of("model.mixer", self.mixer, MIXERS)
-        _one_of("model.linear_gate", self.linear_gate, ("none", "scalar"))
-        _require(self.ulysses_degree >= 0,
-                 f"model.ulysses_degree={self.ulysses_degree} must be >= 0 (0 = auto).")
-        _require(self.linear_chunk >= 1, f"model.linear_chunk={self.linear_chunk} must be positive.")
+        one_of("model.attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)
+        one_of("model.remat", self.remat, ("none", "full", "save_dots"))
+        one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        one_of("model.sequence_parallel", self.sequence_parallel, SEQUENCE_PARALLEL)
+        one_of("model.mixer", self.mixer, MIXERS)
+        one_of("model.linear_gate", self.linear_gate, ("none", "scalar"))
+        require(self.ulysses_degree >= 0,
+                f"model.ulysses_degree={self.ulysses_degree} must be >= 0 (0 = auto).")
+        require(self.linear_chunk >= 1, f"model.linear_chunk={self.linear_chunk} must be positive.")
         if self.mixer == "hybrid":
-            _require(
+            require(
                 self.softmax_every >= 2 and self.n_layers % self.softmax_every == 0,
                 f"model.mixer='hybrid' repeats groups of model.softmax_every={self.softmax_every} layers "
                 f"(the last one softmax); it must be >= 2 and divide model.n_layers={self.n_layers}.",
@@ -160,8 +161,8 @@ class MeshConfig:
     def __post_init__(self):
         sizes = self.as_dict()
         for name, size in sizes.items():
-            _require(size == -1 or size >= 1, f"mesh.{name}={size} must be a positive int or -1 (all remaining).")
-        _require(
+            require(size == -1 or size >= 1, f"mesh.{name}={size} must be a positive int or -1 (all remaining).")
+        require(
             sum(size == -1 for size in sizes.values()) <= 1,
             f"mesh={sizes} has more than one axis set to -1; at most one axis can take the remaining devices.",
         )
@@ -174,14 +175,14 @@ class MeshConfig:
         sizes = self.as_dict()
         fixed = math.prod(size for size in sizes.values() if size != -1)
         if -1 in sizes.values():
-            _require(
+            require(
                 num_devices % fixed == 0,
                 f"mesh={self.as_dict()} cannot fill {num_devices} devices: the fixed axes multiply to {fixed}, "
                 f"which does not divide {num_devices}.",
             )
             sizes = {name: (num_devices // fixed if size == -1 else size) for name, size in sizes.items()}
         product = math.prod(sizes.values())
-        _require(
+        require(
             product == num_devices,
             f"mesh={sizes} uses {product} devices but {num_devices} are present; make the product of the "
             f"mesh axes equal {num_devices} (or set one axis to -1).",
@@ -203,11 +204,11 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _one_of("data.source", self.source, ("stdlib", "text", "tokens"))
-        _one_of("data.token_dtype", self.token_dtype, ("uint16", "uint32"))
-        _require(0 <= self.seed < 2**32, f"data.seed={self.seed} must be in [0, 2**32).")
-        _require(0.0 < self.eval_fraction < 1.0, f"data.eval_fraction={self.eval_fraction} must be in (0, 1).")
-        _require(
+        one_of("data.source", self.source, ("stdlib", "text", "tokens"))
+        one_of("data.token_dtype", self.token_dtype, ("uint16", "uint32"))
+        require(0 <= self.seed < 2**32, f"data.seed={self.seed} must be in [0, 2**32).")
+        require(0.0 < self.eval_fraction < 1.0, f"data.eval_fraction={self.eval_fraction} must be in (0, 1).")
+        require(
             self.source == "stdlib" or self.path,
             f"data.source={self.source!r} needs data.path (a glob of files), e.g. --config.data.path='/data/*.txt'.",
         )
@@ -225,9 +226,9 @@ class OptimizerConfig:
     grad_clip_norm: float = 1.0
 
     def __post_init__(self):
-        _require(self.learning_rate > 0, f"optimizer.learning_rate={self.learning_rate} must be positive.")
-        _require(0 <= self.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
-        _require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
+        require(self.learning_rate > 0, f"optimizer.learning_rate={self.learning_rate} must be positive.")
+        require(0 <= self.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+        require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,10 +247,10 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "global_batch", "seq_len", "grad_accum_steps", "log_every", "eval_batches",
                      "keep_checkpoints"):
-            _require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1.")
+            require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1.")
         for name in ("eval_every", "checkpoint_every"):
-            _require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0 (0 = never).")
-        _require(
+            require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0 (0 = never).")
+        require(
             self.global_batch % self.grad_accum_steps == 0,
             f"train.global_batch={self.global_batch} is not divisible by train.grad_accum_steps="
             f"{self.grad_accum_steps}; each accumulation step takes an equal share of the batch.",
@@ -272,62 +273,62 @@ class PipelineConfig:
     split_backward: bool = False
 
     def __post_init__(self):
-        _require(self.schedule in SCHEDULES,
-                 f"pipeline.schedule={self.schedule!r} is not supported; choose one of {list(SCHEDULES)}.")
-        _require(self.microbatches >= 1, f"pipeline.microbatches={self.microbatches} must be >= 1.")
-        _require(self.virtual_stages >= 1, f"pipeline.virtual_stages={self.virtual_stages} must be >= 1.")
-        _require(self.virtual_stages == 1 or self.schedule in ("gpipe", "interleaved_1f1b"),
-                 f"pipeline.virtual_stages={self.virtual_stages} needs pipeline.schedule="
-                 f"'interleaved_1f1b' (or 'gpipe', the looped GPipe); {self.schedule!r} runs one chunk "
-                 "per stage.")
+        require(self.schedule in SCHEDULES,
+                f"pipeline.schedule={self.schedule!r} is not supported; choose one of {list(SCHEDULES)}.")
+        require(self.microbatches >= 1, f"pipeline.microbatches={self.microbatches} must be >= 1.")
+        require(self.virtual_stages >= 1, f"pipeline.virtual_stages={self.virtual_stages} must be >= 1.")
+        require(self.virtual_stages == 1 or self.schedule in ("gpipe", "interleaved_1f1b"),
+                f"pipeline.virtual_stages={self.virtual_stages} needs pipeline.schedule="
+                f"'interleaved_1f1b' (or 'gpipe', the looped GPipe); {self.schedule!r} runs one chunk "
+                "per stage.")
 
     def validate(self, model_cfg: ModelConfig, mesh_sizes: Mapping[str, int], global_batch: int) -> None:
         """Checks that need the model, the mesh and the batch; raises ConfigError naming the fix."""
         stages = mesh_sizes.get("pipeline", 1)
         M, V = self.microbatches, self.virtual_stages
         chunks = stages * V
-        _require(
+        require(
             model_cfg.n_layers % chunks == 0,
             f"model.n_layers={model_cfg.n_layers} is not divisible by mesh.pipeline*pipeline.virtual_stages="
             f"{stages}*{V}={chunks}; every (virtual) stage takes an equal contiguous slice of layers. Choose "
             f"n_layers as a multiple of {chunks}, or a mesh.pipeline / virtual_stages that divides "
             f"{model_cfg.n_layers}.")
         if self.schedule in ("1f1b", "interleaved_1f1b", "zero_bubble"):
-            _require(
+            require(
                 M >= stages,
                 f"pipeline.microbatches={M} < mesh.pipeline={stages}: {self.schedule} needs at least one "
                 f"microbatch per stage to fill the pipeline (M >= P; M >= 4P keeps the bubble under 20%).")
         if self.schedule == "interleaved_1f1b" and V > 1:
-            _require(M % stages == 0,
-                     f"pipeline.microbatches={M} is not a multiple of mesh.pipeline={stages}; "
-                     "interleaved_1f1b walks microbatches through the chunks in groups of P.")
-        _require(
+            require(M % stages == 0,
+                    f"pipeline.microbatches={M} is not a multiple of mesh.pipeline={stages}; "
+                    "interleaved_1f1b walks microbatches through the chunks in groups of P.")
+        require(
             global_batch % M == 0,
             f"train.global_batch={global_batch} is not divisible by pipeline.microbatches={M}; every "
             "microbatch takes an equal share of the batch.")
         batch_shards = mesh_sizes.get("data", 1) * mesh_sizes.get("fsdp", 1)
-        _require(
+        require(
             (global_batch // M) % batch_shards == 0,
             f"train.global_batch={global_batch} / pipeline.microbatches={M} = {global_batch // M} rows per "
             f"microbatch, not divisible by mesh.data*mesh.fsdp={batch_shards}; pick a global batch that is a "
             f"multiple of {M * batch_shards}.")
         vocab_shards = stages * mesh_sizes.get("tensor", 1)
-        _require(
+        require(
             model_cfg.vocab_size % vocab_shards == 0,
             f"model.vocab_size={model_cfg.vocab_size} is not divisible by mesh.pipeline*mesh.tensor="
             f"{vocab_shards}; the embedding and output layer are split over the vocabulary across pipeline "
             f"stages (and tensor shards). Pad the vocabulary to a multiple of {vocab_shards}.")
-        _require(model_cfg.moe.experts == 0,
-                 f"model.moe.experts={model_cfg.moe.experts}: the pipeline runs dense blocks only (the MoE "
-                 "router's auxiliary losses and statistics are not carried through the stages yet); use "
-                 "model.moe.experts=0 or mesh.pipeline=1.")
-        _require(model_cfg.mixer == "softmax",
-                 f"model.mixer={model_cfg.mixer!r}: the pipeline stages run softmax-attention blocks only; "
-                 "use model.mixer='softmax' or mesh.pipeline=1.")
+        require(model_cfg.moe.experts == 0,
+                f"model.moe.experts={model_cfg.moe.experts}: the pipeline runs dense blocks only (the MoE "
+                "router's auxiliary losses and statistics are not carried through the stages yet); use "
+                "model.moe.experts=0 or mesh.pipeline=1.")
+        require(model_cfg.mixer == "softmax",
+                f"model.mixer={model_cfg.mixer!r}: the pipeline stages run softmax-attention blocks only; "
+                "use model.mixer='softmax' or mesh.pipeline=1.")
         for axis in ("expert", "sequence"):
-            _require(mesh_sizes.get(axis, 1) == 1,
-                     f"mesh.{axis}={mesh_sizes.get(axis)}: the pipeline does not compose with {axis} "
-                     f"parallelism yet; set mesh.{axis}=1.")
+            require(mesh_sizes.get(axis, 1) == 1,
+                    f"mesh.{axis}={mesh_sizes.get(axis)}: the pipeline does not compose with {axis} "
+                    f"parallelism yet; set mesh.{axis}=1.")
 
     def make_schedule(self, num_stages: int) -> Schedule:
         """The validated table for `num_stages` devices on the pipeline axis (cached)."""
@@ -351,23 +352,25 @@ class RunConfig:
 SECTIONS = {field.name: field.type for field in dataclasses.fields(RunConfig)}
 
 
-def _build(cls: type, section: str, values: dict[str, Any]):
+def build_section(cls: type, section: str, values: dict[str, Any]):
+    """A config dataclass from a dict of one section: unknown keys and wrong types are ConfigErrors
+    naming `section.key`; nested dataclass fields are built from nested dicts."""
     hints = typing.get_type_hints(cls)
     known = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
-    _require(not unknown, f"unknown config key(s) {[f'{section}.{k}' for k in unknown]}; "
+    require(not unknown, f"unknown config key(s) {[f'{section}.{k}' for k in unknown]}; "
                           f"known keys of {section}: {sorted(known)}.")
     kwargs = {}
     for key, value in values.items():
         expected = hints[key]
         if dataclasses.is_dataclass(expected):
-            _require(isinstance(value, dict), f"{section}.{key} must be a section (a dict of keys).")
-            kwargs[key] = _build(expected, f"{section}.{key}", value)
+            require(isinstance(value, dict), f"{section}.{key} must be a section (a dict of keys).")
+            kwargs[key] = build_section(expected, f"{section}.{key}", value)
             continue
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        _require(ok, f"{section}.{key}={value!r} has type {type(value).__name__}; expected {expected.__name__}.")
+        require(ok, f"{section}.{key}={value!r} has type {type(value).__name__}; expected {expected.__name__}.")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -376,9 +379,9 @@ def from_config_dict(config: ml_collections.ConfigDict | dict) -> RunConfig:
     """The one boundary from a (user-edited) ConfigDict to typed, validated configs."""
     raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     unknown = sorted(set(raw) - set(SECTIONS))
-    _require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(SECTIONS)}.")
+    require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(SECTIONS)}.")
     hints = typing.get_type_hints(RunConfig)
-    sections = {name: _build(hints[name], name, dict(raw.get(name, {}))) for name in SECTIONS}
+    sections = {name: build_section(hints[name], name, dict(raw.get(name, {}))) for name in SECTIONS}
     return RunConfig(**sections)
 
 
@@ -400,7 +403,7 @@ def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict
     sequence, tensor = sizes["sequence"], sizes["tensor"]
     if sequence == 1:
         return
-    _require(
+    require(
         train.seq_len % (sequence * tensor) == 0,
         f"train.seq_len={train.seq_len} is not divisible by mesh.sequence*mesh.tensor={sequence * tensor}; "
         "the residual stream is split over both.",
@@ -412,7 +415,7 @@ def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict
         zigzag = 1
     elif variant == "ulysses":
         zigzag = 1
-        _require(
+        require(
             heads % sequence == 0 and kv_heads % sequence == 0,
             f"model.sequence_parallel='ulysses' splits heads over mesh.sequence={sequence}, but each tensor "
             f"shard has {heads} query heads and {kv_heads} key/value heads (model.n_heads={model.n_heads}, "
@@ -421,14 +424,14 @@ def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict
         )
     elif variant == "usp":
         degree = model.ulysses_degree or default_ulysses_degree(sequence, heads, kv_heads)
-        _require(
+        require(
             sequence % degree == 0 and heads % degree == 0 and kv_heads % degree == 0,
             f"model.ulysses_degree={degree} must divide mesh.sequence={sequence} and the {heads} query and "
             f"{kv_heads} key/value heads of each tensor shard.",
         )
         zigzag = sequence // degree
     pieces = 2 * sequence if zigzag > 1 else sequence
-    _require(
+    require(
         train.seq_len % pieces == 0,
         f"train.seq_len={train.seq_len} is not divisible by {pieces}: mesh.sequence={sequence} with "
         f"sequence_parallel={variant!r} cuts every sequence into {pieces} equal chunks"
@@ -442,48 +445,48 @@ def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
     model, train = run.model, run.train
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro_batch = train.global_batch // train.grad_accum_steps
-    _require(
+    require(
         micro_batch % batch_shards == 0,
         f"train.global_batch={train.global_batch} (per accumulation step {micro_batch}) is not divisible by "
         f"mesh.data*mesh.fsdp*mesh.expert={batch_shards}; pick a global batch that is a multiple of "
         f"{batch_shards * train.grad_accum_steps}.",
     )
     if sizes["expert"] > 1:
-        _require(
+        require(
             model.moe.experts > 0 and model.moe.experts % sizes["expert"] == 0,
             f"mesh.expert={sizes['expert']} needs model.moe.experts to be a positive multiple of it "
             f"(got {model.moe.experts}); set model.moe.experts or mesh.expert=1.",
         )
     if sizes["pipeline"] > 1:
         run.pipeline.validate(model, sizes, train.global_batch)
-        _require(train.grad_accum_steps == 1,
-                 f"train.grad_accum_steps={train.grad_accum_steps} with mesh.pipeline={sizes['pipeline']}: the "
-                 "pipeline's microbatches are the accumulation; set pipeline.microbatches instead.")
+        require(train.grad_accum_steps == 1,
+                f"train.grad_accum_steps={train.grad_accum_steps} with mesh.pipeline={sizes['pipeline']}: the "
+                "pipeline's microbatches are the accumulation; set pipeline.microbatches instead.")
     tensor = sizes["tensor"]
     for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
         value = getattr(model, name)
-        _require(
+        require(
             value % tensor == 0,
             f"model.{name}={value} is not divisible by mesh.tensor={tensor}; tensor parallelism splits it "
             f"evenly. Choose mesh.tensor from the divisors of {value}.",
         )
-    _require(
+    require(
         train.seq_len % tensor == 0,
         f"train.seq_len={train.seq_len} is not divisible by mesh.tensor={tensor}; sequence-parallel "
         "activations split the sequence across the tensor axis.",
     )
     _check_sequence_parallel(model, train, sizes)
-    _require(
+    require(
         train.seq_len <= model.max_seq_len,
         f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model.max_seq_len}.",
     )
-    _require(
+    require(
         model.d_model % sizes["fsdp"] == 0,
         f"model.d_model={model.d_model} is not divisible by mesh.fsdp={sizes['fsdp']}; FSDP shards the "
         "embedding dimension of every weight.",
     )
     if run.data.source in ("stdlib", "text"):
-        _require(
+        require(
             model.vocab_size >= 256,
             f"model.vocab_size={model.vocab_size} is too small for byte tokens; use at least 256.",
         )

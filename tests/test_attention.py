@@ -388,6 +388,24 @@ def test_blockwise_paths_allocate_no_t_by_t_buffer():
         assert mem.temp_size_in_bytes < N * T * T * 4 / 4 < dense_mem.temp_size_in_bytes, (kw, mem, dense_mem)
 
 
+def test_blockwise_xla_memory_stays_linear_inside_a_differentiated_layer_scan():
+    """The model differentiates attention inside lax.scan over layers, where positions are loop
+    invariants; nothing may precompute the chunk-pair mask tiles for all pairs (quadratic in T)."""
+    N, H = 4, 32
+
+    def temp_bytes(T):
+        def loss(x, ws):
+            def layer(x, w):
+                return attention(x * w, x + w, x - w, causal=True, implementation="xla", xla_chunk_size=256), None
+            return jnp.sum(jax.lax.scan(layer, x, ws)[0] ** 2)
+
+        args = jax.ShapeDtypeStruct((1, T, N, H), jnp.float32), jax.ShapeDtypeStruct((2, 1, 1, N, H), jnp.float32)
+        return jax.jit(jax.grad(loss, argnums=1)).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    growth = temp_bytes(4096) / temp_bytes(2048)
+    assert growth < 2.5, f"temporaries grew {growth:.2f}x when T doubled (quadratic: ~4x)"
+
+
 # --------------------------------------------------------------------------------------------------
 # TPU splash adapter, run in interpret mode on CPU (the code path a TPU takes for implementation="pallas").
 

@@ -10,32 +10,14 @@ import time
 
 import numpy as np
 
-from jaxpar.train.metrics import read_metrics
+from run_testing import ENV, ROOT, curve, wait_for_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 QUICK = ["--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=0"]
 
 
 def submit(workdir, *args):
     return [sys.executable, os.path.join(ROOT, "scripts", "submit.py"), "--config=configs/lm.py:smoke",
             f"--workdir={workdir}", *args]
-
-
-def curve(workdir):
-    return {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
-            if "loss" in r}
-
-
-def wait_for_step(workdir, step, process, timeout=240):
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, "launcher exited early"
-        if os.path.exists(path) and any(r.get("step", 0) >= step for r in read_metrics(path)):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"step {step} never logged")
 
 
 def test_two_processes_train_like_one(tmp_path):
@@ -54,7 +36,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert "jax.distributed: process 0/2, 4 local of 8 devices" in logs[0]
     assert "jax.distributed: process 1/2, 4 local of 8 devices" in logs[1]
 
-    want, got = curve(tmp_path / "single"), curve(tmp_path / "multi")
+    want, got = (curve(tmp_path / name, keys=("loss", "grad_norm")) for name in ("single", "multi"))
     assert sorted(got) == list(range(1, 7)) and sorted(want) == sorted(got)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-6)
     assert got[6][0] < got[1][0] - 0.5

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -16,9 +15,8 @@ from jaxpar.parallel.mesh import make_mesh
 from jaxpar.train import state as state_lib
 from jaxpar.train.checkpoint import Checkpointer
 from jaxpar.train.metrics import read_metrics
+from run_testing import ENV, ROOT, curve, wait_for_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 # Short runs of the smoke model, logging every step.
 QUICK = ["--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=5"]
 
@@ -33,22 +31,6 @@ def train(workdir, *overrides, check=True):
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def curve(workdir, keys=("loss", "grad_norm", "lr")):
-    return {r["step"]: tuple(r[k] for k in keys) for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
-            if "loss" in r}
-
-
-def wait_for_step(workdir, step, process, timeout=300):
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, "training exited early"
-        if os.path.exists(path) and any(r.get("step", 0) >= step for r in read_metrics(path)):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"step {step} never logged")
 
 
 def test_smoke_preset_trains(tmp_path):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.models.params import param as _param
+from jaxpar.models.params import attention_projections, param as _param
 from jaxpar.parallel import sequence as sequence_lib
 from jaxpar.parallel.rules import constrain
 
@@ -169,12 +169,8 @@ class LinearAttention(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.wq = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg.init_std, cfg.param_dtype)
-        self.wk = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype)
-        self.wv = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype)
-        self.wo = _param(rngs, (N, H, D), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
+        D, K, H = cfg.d_model, cfg.n_kv_heads, cfg.head_dim
+        self.wq, self.wk, self.wv, self.wo = attention_projections(cfg, rngs)
         if cfg.linear_gate == "scalar":
             self.w_gate = _param(rngs, (D, K), ("embed", "kv_heads"), cfg.init_std, cfg.param_dtype)
             # log_sigmoid(4) / 16 ~ -1e-3: decays start near 1 (long memory).

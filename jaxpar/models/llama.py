@@ -14,7 +14,7 @@ from flax import nnx
 from jaxpar.config import ModelConfig
 from jaxpar.models.linear_attention import LinearAttention
 from jaxpar.models.moe import MoE
-from jaxpar.models.params import param as _param
+from jaxpar.models.params import attention_projections, param as _param
 from jaxpar.parallel.rules import constrain
 from jaxpar.parallel.sequence import sequence_attention
 
@@ -51,12 +51,7 @@ def rope(x_BTNH, positions_BT, theta: float):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.wq = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg.init_std, cfg.param_dtype)
-        self.wk = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype)
-        self.wv = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype)
-        self.wo = _param(rngs, (N, H, D), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
+        self.wq, self.wk, self.wv, self.wo = attention_projections(cfg, rngs)
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
         cfg, dtype = self.cfg, x_BTD.dtype

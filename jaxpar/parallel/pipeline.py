@@ -62,7 +62,7 @@ import jax.extend.core as jex
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxpar.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpar.config import ModelConfig, PipelineConfig, require
 from jaxpar.models.llama import REMAT_POLICIES, RESIDUAL
 from jaxpar.parallel import rules
 from jaxpar.parallel.schedules import Schedule
@@ -71,11 +71,6 @@ AXIS = "pipeline"
 IDLE, FWD, BWD, WGT = 0, 1, 2, 3
 _KIND_CODE = {"F": FWD, "B": BWD, "W": WGT}
 _BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 # --- the table, lowered to the executor's index arrays -------------------------------------------------
@@ -381,11 +376,11 @@ def pipelined_loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch, *
     cfg: ModelConfig = model.cfg
     Pn, V, M = schedule.num_stages, schedule.virtual_stages, schedule.microbatches
     L = cfg.n_layers
-    _require(L % (Pn * V) == 0, f"model.n_layers={L} is not divisible by mesh.pipeline*"
+    require(L % (Pn * V) == 0, f"model.n_layers={L} is not divisible by mesh.pipeline*"
                                 f"pipeline.virtual_stages={Pn}*{V}; see PipelineConfig.validate.")
-    _require(cfg.vocab_size % Pn == 0,
-             f"model.vocab_size={cfg.vocab_size} is not divisible by mesh.pipeline={Pn}.")
-    _require(cfg.moe.experts == 0, "the pipeline runs dense blocks only; see PipelineConfig.validate.")
+    require(cfg.vocab_size % Pn == 0,
+            f"model.vocab_size={cfg.vocab_size} is not divisible by mesh.pipeline={Pn}.")
+    require(cfg.moe.experts == 0, "the pipeline runs dense blocks only; see PipelineConfig.validate.")
     k = L // (Pn * V)
     dtype = jnp.dtype(cfg.dtype)
 
@@ -637,10 +632,10 @@ def make_pipelined_loss_and_grads(mesh: Mesh, pipeline_cfg: PipelineConfig):
     microbatches are its gradient accumulation, so grad_accum_steps must be 1."""
 
     def loss_and_grads(params, graphdef, batch, grad_accum_steps: int = 1, grad_shardings=None):
-        _require(grad_accum_steps == 1,
-                 f"train.grad_accum_steps={grad_accum_steps} with mesh.pipeline>1: the pipeline accumulates "
-                 "over pipeline.microbatches instead; set train.grad_accum_steps=1 and raise "
-                 "pipeline.microbatches.")
+        require(grad_accum_steps == 1,
+                f"train.grad_accum_steps={grad_accum_steps} with mesh.pipeline>1: the pipeline accumulates "
+                "over pipeline.microbatches instead; set train.grad_accum_steps=1 and raise "
+                "pipeline.microbatches.")
         return pipelined_loss_and_grads(params, graphdef, batch, mesh=mesh, pipeline_cfg=pipeline_cfg,
                                         grad_shardings=grad_shardings)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxpar.config import ConfigError, MeshConfig, _build, _one_of, _require
+from jaxpar.config import ConfigError, MeshConfig, build_section, one_of, require
 
 ALGORITHMS = ("ippo", "mappo")
 NETWORKS = ("ff", "rnn")
@@ -30,7 +30,7 @@ class EnvConfig:
     num_envs: int = 16
 
     def __post_init__(self):
-        _require(self.num_envs >= 1, f"env.num_envs={self.num_envs} must be >= 1.")
+        require(self.num_envs >= 1, f"env.num_envs={self.num_envs} must be >= 1.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +57,16 @@ class AlgoConfig:
     bootstrap_truncated: bool = True
 
     def __post_init__(self):
-        _one_of("algo.name", self.name, ALGORITHMS)
+        one_of("algo.name", self.name, ALGORITHMS)
         for name in ("num_steps", "update_epochs", "num_minibatches"):
-            _require(getattr(self, name) >= 1, f"algo.{name}={getattr(self, name)} must be >= 1.")
+            require(getattr(self, name) >= 1, f"algo.{name}={getattr(self, name)} must be >= 1.")
         for name in ("gamma", "gae_lambda"):
-            _require(0.0 <= getattr(self, name) <= 1.0, f"algo.{name}={getattr(self, name)} must be in [0, 1].")
-        _require(self.clip_eps > 0, f"algo.clip_eps={self.clip_eps} must be positive.")
-        _require(self.lr > 0, f"algo.lr={self.lr} must be positive.")
-        _require(self.max_grad_norm > 0, f"algo.max_grad_norm={self.max_grad_norm} must be positive.")
+            require(0.0 <= getattr(self, name) <= 1.0, f"algo.{name}={getattr(self, name)} must be in [0, 1].")
+        require(self.clip_eps > 0, f"algo.clip_eps={self.clip_eps} must be positive.")
+        require(self.lr > 0, f"algo.lr={self.lr} must be positive.")
+        require(self.max_grad_norm > 0, f"algo.max_grad_norm={self.max_grad_norm} must be positive.")
         for name in ("ent_coef", "vf_coef"):
-            _require(getattr(self, name) >= 0, f"algo.{name}={getattr(self, name)} must be >= 0.")
+            require(getattr(self, name) >= 0, f"algo.{name}={getattr(self, name)} must be >= 0.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +82,10 @@ class NetworkConfig:
     agent_id: bool = False
 
     def __post_init__(self):
-        _one_of("network.kind", self.kind, NETWORKS)
-        _one_of("network.activation", self.activation, ACTIVATIONS)
-        _require(self.hidden >= 1, f"network.hidden={self.hidden} must be >= 1.")
-        _require(self.layers >= 1, f"network.layers={self.layers} must be >= 1.")
+        one_of("network.kind", self.kind, NETWORKS)
+        one_of("network.activation", self.activation, ACTIVATIONS)
+        require(self.hidden >= 1, f"network.hidden={self.hidden} must be >= 1.")
+        require(self.layers >= 1, f"network.layers={self.layers} must be >= 1.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +104,9 @@ class MARLTrainConfig:
 
     def __post_init__(self):
         for name in ("total_env_steps", "num_seeds", "updates_per_call", "log_every", "keep_checkpoints"):
-            _require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1.")
-        _require(self.checkpoint_every >= 0, f"train.checkpoint_every={self.checkpoint_every} must be >= 0.")
-        _require(0 <= self.seed < 2**31, f"train.seed={self.seed} must be in [0, 2**31).")
+            require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1.")
+        require(self.checkpoint_every >= 0, f"train.checkpoint_every={self.checkpoint_every} must be >= 0.")
+        require(0 <= self.seed < 2**31, f"train.seed={self.seed} must be in [0, 2**31).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +119,9 @@ class EvalConfig:
     fps: int = 10
 
     def __post_init__(self):
-        _require(self.episodes >= 1, f"eval.episodes={self.episodes} must be >= 1.")
-        _require(self.seed_index >= 0, f"eval.seed_index={self.seed_index} must be >= 0.")
-        _require(self.fps >= 1, f"eval.fps={self.fps} must be >= 1.")
+        require(self.episodes >= 1, f"eval.episodes={self.episodes} must be >= 1.")
+        require(self.seed_index >= 0, f"eval.seed_index={self.seed_index} must be >= 0.")
+        require(self.fps >= 1, f"eval.fps={self.fps} must be >= 1.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,13 +150,13 @@ def from_config_dict(config: ml_collections.ConfigDict | dict) -> MARLRunConfig:
     """The one boundary from a (user-edited) ConfigDict to typed, validated MARL configs."""
     raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     unknown = sorted(set(raw) - set(SECTIONS))
-    _require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(SECTIONS)}.")
+    require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(SECTIONS)}.")
     hints = typing.get_type_hints(MARLRunConfig)
-    sections = {name: _build(hints[name], name, dict(raw.get(name, {}))) for name in SECTIONS}
+    sections = {name: build_section(hints[name], name, dict(raw.get(name, {}))) for name in SECTIONS}
     run = MARLRunConfig(**sections)
-    _require(run.num_updates >= 1,
-             f"train.total_env_steps={run.train.total_env_steps} is less than one update of env.num_envs x "
-             f"algo.num_steps = {run.steps_per_update} env steps; raise it or shrink the update.")
+    require(run.num_updates >= 1,
+            f"train.total_env_steps={run.train.total_env_steps} is less than one update of env.num_envs x "
+            f"algo.num_steps = {run.steps_per_update} env steps; raise it or shrink the update.")
     return run
 
 
@@ -171,27 +171,27 @@ def validate_run(run: MARLRunConfig, num_devices: int, env) -> dict[str, int]:
     sizes = run.mesh.resolve(num_devices)
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     algo, num_envs = run.algo, run.env.num_envs
-    _require(num_envs % shards == 0,
-             f"env.num_envs={num_envs} is not divisible by mesh.data*mesh.fsdp*mesh.expert={shards}; the env "
-             f"batch is split evenly over those axes. Use a multiple of {shards}.")
-    _require(isinstance(env.action_space, spaces.Discrete),
-             f"env {run.env.id!r} with kwargs {run.env.kwargs} has continuous actions; the PPO heads here are "
-             "categorical. Use discrete actions (e.g. env.kwargs.continuous_actions=False).")
+    require(num_envs % shards == 0,
+            f"env.num_envs={num_envs} is not divisible by mesh.data*mesh.fsdp*mesh.expert={shards}; the env "
+            f"batch is split evenly over those axes. Use a multiple of {shards}.")
+    require(isinstance(env.action_space, spaces.Discrete),
+            f"env {run.env.id!r} with kwargs {run.env.kwargs} has continuous actions; the PPO heads here are "
+            "categorical. Use discrete actions (e.g. env.kwargs.continuous_actions=False).")
     if run.network.kind == "rnn":
         # Recurrent minibatches are whole env sequences.
-        _require(num_envs % algo.num_minibatches == 0 and (num_envs // algo.num_minibatches) % shards == 0,
-                 f"network.kind='rnn' splits the env.num_envs={num_envs} sequences into "
-                 f"algo.num_minibatches={algo.num_minibatches} minibatches, each split over {shards} batch "
-                 f"shards; make num_envs a multiple of num_minibatches*{shards}={algo.num_minibatches * shards}.")
+        require(num_envs % algo.num_minibatches == 0 and (num_envs // algo.num_minibatches) % shards == 0,
+                f"network.kind='rnn' splits the env.num_envs={num_envs} sequences into "
+                f"algo.num_minibatches={algo.num_minibatches} minibatches, each split over {shards} batch "
+                f"shards; make num_envs a multiple of num_minibatches*{shards}={algo.num_minibatches * shards}.")
     else:
         samples = num_envs * algo.num_steps
-        _require(samples % (algo.num_minibatches * shards) == 0,
-                 f"an update's {samples} env steps (num_envs*num_steps, all agents of a step kept together) do "
-                 f"not split into algo.num_minibatches={algo.num_minibatches} minibatches over {shards} batch "
-                 f"shards; choose num_minibatches so that {algo.num_minibatches * shards} divides {samples}.")
-    _require(sizes["fsdp"] * sizes["tensor"] == 1 or run.network.hidden % (sizes["fsdp"] * sizes["tensor"]) == 0,
-             f"network.hidden={run.network.hidden} is not divisible by mesh.fsdp*mesh.tensor="
-             f"{sizes['fsdp'] * sizes['tensor']}; sharded policy weights split the hidden width evenly.")
+        require(samples % (algo.num_minibatches * shards) == 0,
+                f"an update's {samples} env steps (num_envs*num_steps, all agents of a step kept together) do "
+                f"not split into algo.num_minibatches={algo.num_minibatches} minibatches over {shards} batch "
+                f"shards; choose num_minibatches so that {algo.num_minibatches * shards} divides {samples}.")
+    require(sizes["fsdp"] * sizes["tensor"] == 1 or run.network.hidden % (sizes["fsdp"] * sizes["tensor"]) == 0,
+            f"network.hidden={run.network.hidden} is not divisible by mesh.fsdp*mesh.tensor="
+            f"{sizes['fsdp'] * sizes['tensor']}; sharded policy weights split the hidden width evenly.")
     return sizes
 
 

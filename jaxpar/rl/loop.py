@@ -61,21 +61,6 @@ def _finite(x) -> float | None:
     return float(x) if math.isfinite(float(x)) else None
 
 
-def saveable(states) -> dict[str, jax.Array]:
-    """The runner states as {leaf index: array} without zero-size leaves (orbax refuses them; e.g. an
-    MPE scenario without random goals has goal [S, E, 0])."""
-    return {f"{i:04d}": x for i, x in enumerate(jax.tree.leaves(states)) if x.size}
-
-
-def restore(checkpointer: Checkpointer, step: int, abstract_states):
-    """(runner states placed as `abstract_states` says, the data dict saved with them)."""
-    leaves, treedef = jax.tree.flatten(abstract_states)
-    saved, data = checkpointer.restore(step, saveable(abstract_states))
-    leaves = [saved[f"{i:04d}"] if x.size else jax.device_put(np.zeros(x.shape, x.dtype), x.sharding)
-              for i, x in enumerate(leaves)]
-    return jax.tree.unflatten(treedef, leaves), data
-
-
 def train(run: MARLRunConfig, workdir: str, devices=None) -> dict:
     """Trains (or resumes) to `run.num_updates` updates of every seed; returns the last record."""
     ppo = build(run, devices)
@@ -89,7 +74,7 @@ def train(run: MARLRunConfig, workdir: str, devices=None) -> dict:
             start = 0
             states = ppo.init_states()
         else:
-            states, clock = restore(checkpointer, start, ppo.abstract_state)
+            states, clock = checkpointer.restore(start, ppo.abstract_state)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 json.dump({**to_dict(run), "resolved_mesh": dict(ppo.mesh.shape)}, f, indent=2)
@@ -138,7 +123,7 @@ def _run_updates(run, ppo: PPO, workdir, states, start, clock, checkpointer) -> 
             bar.set_postfix(ret=f"{last['episode_return'] or float('nan'):.2f}", sps=f"{rate:,.0f}")
         due = tcfg.checkpoint_every and (update // tcfg.checkpoint_every) > ((update - n) // tcfg.checkpoint_every)
         if due or update == total:
-            checkpointer.save(update, saveable(states), {"wall_s": wall_s, "cpu_s": cpu_s})
+            checkpointer.save(update, states, {"wall_s": wall_s, "cpu_s": cpu_s})
     bar.close()
     writer.close()
     if jax.process_index() == 0:
@@ -160,7 +145,7 @@ def restore_params(run: MARLRunConfig, workdir: str, ppo: PPO):
         if run.eval.seed_index >= run.train.num_seeds:
             raise ValueError(f"eval.seed_index={run.eval.seed_index} but the run has train.num_seeds="
                              f"{run.train.num_seeds}.")
-        states, _ = restore(checkpointer, step, ppo.abstract_state)
+        states, _ = checkpointer.restore(step, ppo.abstract_state)
     finally:
         checkpointer.close()
     return jax.tree.map(lambda x: x[run.eval.seed_index], states.train.params), step

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import os
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored; nothing on disk has been changed."""
+
+
+def _without_empty(tree):
+    """Zero-size arrays as None: orbax refuses them, and they hold nothing to save (e.g. an MPE scenario
+    without random goals keeps goal positions of shape [S, E, 0])."""
+    return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
 
 
 class Checkpointer:
@@ -33,7 +41,8 @@ class Checkpointer:
         """Returns once device arrays are copied to host; the write finishes in the background."""
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_without_empty(state)),
+                                    data=ocp.args.JsonSave(data_state)),
             force=True,
         )
 
@@ -42,7 +51,8 @@ class Checkpointer:
         try:
             restored = self.manager.restore(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(_without_empty(abstract_state)),
+                                        data=ocp.args.JsonRestore()),
             )
         except Exception as error:  # orbax raises many types; all mean the same to the user
             raise CheckpointError(
@@ -52,7 +62,10 @@ class Checkpointer:
                 f"step is corrupt, move {os.path.join(self.directory, str(step))} aside to resume from an "
                 "earlier step."
             ) from error
-        return restored.state, restored.data
+        state = jax.tree.map(
+            lambda want, got: jax.device_put(np.zeros(want.shape, want.dtype), want.sharding) if got is None
+            else got, abstract_state, restored.state)
+        return state, restored.data
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
