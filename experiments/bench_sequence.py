@@ -397,11 +397,18 @@ def readme(results: dict) -> str:
         "- Ulysses moves 1/n of every activation per all-to-all, so its bytes fall as 1/n; the ring's grow "
         "towards 2x(K+V) per direction, independent of n. LASP-2 moves states (K x H x H per piece), "
         "independent of the sequence length.",
-        "- Memory: every variant's peak grows about linearly in T, so the longest sequence in a fixed budget "
-        "grows with n for the ring and LASP-2 (K/V and states of one block in flight); Ulysses holds the "
-        "whole sequence for 1/n of the heads, so its activations shrink with n but its K/V do not. (An "
-        "earlier run showed n=1 and Ulysses quadratic: JAX hoisted the blockwise path's mask tiles out of "
-        "the layer scan; fixed in jaxpar/kernels/chunked_attention.py, tested in tests/test_attention.py.)",
+        "- Memory: every variant's peak grows about linearly in T (exponent 0.95-0.99), so the longest "
+        "sequence in a fixed budget grows about n-fold: the ring keeps its own shard plus the K/V block in "
+        "flight, Ulysses holds the whole sequence but for 1/n of the heads, LASP-2 its shard plus n small "
+        "states. Its n=1 peak is above softmax attention's: the chunked form saves [chunk x chunk] decay "
+        "and score tiles for every chunk (T x chunk per head), where blockwise softmax recomputes its tiles "
+        "(an earlier run showed n=1 and Ulysses quadratic: JAX hoisted the blockwise path's mask tiles out "
+        "of the layer scan; fixed in jaxpar/kernels/chunked_attention.py, tested in tests/test_attention.py).",
+        "- TokenRing (Q forward and partial outputs back, both directions at once) was not built: per ring "
+        "step its busier direction carries a Q or an O block, b t N H elements, where the ring carries K "
+        "and V, 2 b t K H. That is fewer bytes only when N < 2K (at most 2 query heads per KV head): for "
+        "multi-head attention it halves the critical path, for Llama-style GQA (N = 4K..8K) it doubles or "
+        "quadruples it.",
         "",
     ]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Sequence parallelism in the model: loss and every gradient of jaxpar's Llama with the sequence split
-over the mesh (each variant, alone and with data / fsdp / tensor; linear-attention and hybrid models
-with LASP-2) equal the single-device run, fp32, on packed rows. The batch goes through the same
+over the mesh (each variant, alone and with data / fsdp / tensor / expert; linear-attention and hybrid
+models with LASP-2) equal the single-device run, fp32, on packed rows. The batch goes through the same
 zigzag layout the training loop applies; positions keep the true token positions, so RoPE and the loss
 are unchanged. Plus the configuration checks for impossible splits.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxpar import config as config_lib
-from jaxpar.config import ConfigError, DataConfig, MeshConfig, RunConfig, TrainConfig, validate_run
+from jaxpar.config import ConfigError, DataConfig, MeshConfig, MoEConfig, RunConfig, TrainConfig, validate_run
 from jaxpar.parallel import sequence as seq
 from jaxpar.parallel.mesh import make_mesh
 from lm_testing import TINY, packed_batch, single_device_mesh
@@ -28,6 +28,7 @@ MODEL_OVERRIDES = {
     "softmax": {},
     "linear": dict(mixer="linear", linear_chunk=4),
     "hybrid": dict(mixer="hybrid", softmax_every=2, linear_chunk=4),  # one linear + one softmax layer
+    "moe": dict(moe=MoEConfig(experts=4, top_k=2, d_ff=32)),  # dropless experts
 }
 
 # name -> (model, sequence_parallel, mesh axis sizes, model overrides, the layout's zigzag n)
@@ -39,6 +40,7 @@ CASES = {
     "allgather_seq4_fsdp2": ("softmax", "allgather", dict(fsdp=2, sequence=4), {}, 4),
     "lasp2_seq2_fsdp2_tp2": ("linear", "ring", dict(fsdp=2, sequence=2, tensor=2), {}, 1),
     "hybrid_usp_seq8": ("hybrid", "usp", dict(sequence=8), {"ulysses_degree": 2}, 4),
+    "moe_ring_seq4_expert2": ("moe", "ring", dict(expert=2, sequence=4), {}, 4),
 }
 
 

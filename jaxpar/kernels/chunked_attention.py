@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxpar.kernels.flash_attention import (MASKED, MaskSpec, block_may_attend, capped, check_inputs,
-                                            softcap_grad, visible)
+from jaxpar.kernels.flash_attention import (MASKED, MaskSpec, attention_vjp, block_may_attend, capped,
+                                            check_inputs, softcap_grad, visible)
 
 DEFAULT_CHUNK = 512
 
@@ -157,25 +157,7 @@ def _backward(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do
     return (dq.astype(q.dtype), (_unchunk(dk_c) * spec.scale).astype(k.dtype), _unchunk(dv_c).astype(v.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    return _forward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-
-
-def _chunked_fwd(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    o, lse = _forward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    return (o, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse)
-
-
-def _chunked_bwd(static, residuals, cotangents):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse = residuals
-    do, dlse = cotangents
-    dq, dk, dv = _backward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do.astype(q.dtype),
-                           dlse.astype(jnp.float32))
-    return dq, dk, dv, None, None, None, None
-
-
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+_chunked = attention_vjp(_forward, _backward)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window", "softcap", "scale", "chunk_size"))

@@ -390,25 +390,32 @@ def _backward(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse_BNT
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    return _forward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+def attention_vjp(forward, backward):
+    """f(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (o, lse) with a custom VJP, from
+    forward(same arguments) -> (o, lse) and backward(same arguments, o, lse, do, dlse) -> (dq, dk, dv).
+    The residuals are the inputs and (o, lse); positions and segment ids get no cotangent. Shared by
+    this kernel and the blockwise xla path (jaxpar.kernels.chunked_attention)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def f(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        return forward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+
+    def f_fwd(static, *inputs):
+        o, lse = forward(static, *inputs)
+        return (o, lse), (*inputs, o, lse)
+
+    def f_bwd(static, residuals, cotangents):
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse = residuals
+        do, dlse = cotangents
+        dq, dk, dv = backward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do.astype(q.dtype),
+                              dlse.astype(jnp.float32))
+        return dq, dk, dv, None, None, None, None
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
 
 
-def _flash_fwd(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    o, lse = _forward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    return (o, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse)
-
-
-def _flash_bwd(static, residuals, cotangents):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse = residuals
-    do, dlse = cotangents
-    dq, dk, dv = _backward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do.astype(q.dtype),
-                           dlse.astype(jnp.float32))
-    return dq, dk, dv, None, None, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = attention_vjp(_forward, _backward)
 
 
 # --------------------------------------------------------------------------------------------------
