@@ -89,6 +89,11 @@ class SwiGLU(nnx.Module):
         return constrain(out_BTD, RESIDUAL)
 
 
+def token_mixer(cfg: ModelConfig, rngs: nnx.Rngs, mixer: str) -> nnx.Module:
+    """The attention of a block: softmax attention, or linear attention for mixer="linear"."""
+    return LinearAttention(cfg, rngs=rngs) if mixer == "linear" else Attention(cfg, rngs=rngs)
+
+
 class Block(nnx.Module):
     """Pre-norm attention and MLP sublayers around the residual stream.
 
@@ -98,7 +103,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mixer: str = "softmax"):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
-        self.attn = LinearAttention(cfg, rngs=rngs) if mixer == "linear" else Attention(cfg, rngs=rngs)
+        self.attn = token_mixer(cfg, rngs, mixer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
@@ -118,7 +123,7 @@ class MoEBlock(Block):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mixer: str = "softmax"):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
-        self.attn = LinearAttention(cfg, rngs=rngs) if mixer == "linear" else Attention(cfg, rngs=rngs)
+        self.attn = token_mixer(cfg, rngs, mixer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
         self.moe = MoE(cfg, rngs=rngs)
         shared_ff = cfg.moe.shared_experts * cfg.moe.d_ff

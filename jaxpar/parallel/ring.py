@@ -325,19 +325,38 @@ def ring_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, segment_ids=None, 
 # The simple baseline: gather K/V.
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_sum_grads_f32(x_BTKH, axis_name: str):
+    """All-gather along the sequence; the gradient is reduce-scattered in float32 (as the ring's dK/dV
+    travel), then cast back to x's dtype."""
+    return jax.lax.all_gather(x_BTKH, axis_name, axis=1, tiled=True)
+
+
+def _gather_fwd(x_BTKH, axis_name):
+    return _gather_sum_grads_f32(x_BTKH, axis_name), None
+
+
+def _gather_bwd(axis_name, _, grad):
+    # float32 also sidesteps an XLA:CPU compiler abort on bfloat16 reduce-scatters inside the layer loop.
+    summed = jax.lax.psum_scatter(grad.astype(jnp.float32), axis_name, scatter_dimension=1, tiled=True)
+    return (summed.astype(grad.dtype),)
+
+
+_gather_sum_grads_f32.defvjp(_gather_fwd, _gather_bwd)
+
+
 def allgather_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, segment_ids=None, positions=None,
                         zigzag: bool = True, causal: bool = True, window: int | None = None,
                         softcap: float | None = None, scale: float | None = None,
                         implementation: str | None = None, interpret: bool | None = None):
     """Every device all-gathers K/V (and their segment ids) over `axis_name` and attends its local
-    queries to the whole sequence. Backward: autodiff turns the gathers into reduce-scatters of dK/dV.
+    queries to the whole sequence. Backward: reduce-scatters of dK/dV (in float32).
     Memory per device grows with the full sequence length (the K/V of everything); the ring does not."""
     n = jax.lax.axis_size(axis_name)
     rank = jax.lax.axis_index(axis_name)
     b, t = q_BTNH.shape[:2]
-    gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, axis=1, tiled=True)
-    k_full, v_full = gather(k_BTKH), gather(v_BTKH)
-    kv_seg = None if segment_ids is None else gather(segment_ids)
+    k_full, v_full = _gather_sum_grads_f32(k_BTKH, axis_name), _gather_sum_grads_f32(v_BTKH, axis_name)
+    kv_seg = None if segment_ids is None else jax.lax.all_gather(segment_ids, axis_name, axis=1, tiled=True)
     if positions is None:
         q_pos = jnp.broadcast_to(local_indices(rank, n, t, zigzag), (b, t))
         if zigzag and n > 1:
@@ -347,7 +366,7 @@ def allgather_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, segment_ids=N
             kv_seg = None if kv_seg is None else kv_seg[:, order]
         kv_pos = jnp.broadcast_to(jnp.arange(n * t, dtype=jnp.int32), (b, n * t))
     else:
-        q_pos, kv_pos = positions, gather(positions)
+        q_pos, kv_pos = positions, jax.lax.all_gather(positions, axis_name, axis=1, tiled=True)
     return attention(q_BTNH, k_full, v_full,
                      segment_ids=None if segment_ids is None else (segment_ids, kv_seg),
                      positions=(q_pos, kv_pos), causal=causal, window=window, softcap=softcap, scale=scale,

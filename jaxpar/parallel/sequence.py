@@ -350,7 +350,7 @@ def expected_terms(variant: str, *, batch: int, seq_len: int, sequence: int, hea
     jaxpar.parallel.analysis (all-gather: result bytes; reduce-scatter, all-to-all, collective-permute:
     operand bytes). batch: rows per device; heads, kv_heads: per device after tensor parallelism.
     variant: one of VARIANTS, or "lasp2" (linear attention; `zigzag` > 1 gives two pieces per device).
-    Ring gradients travel as float32; segment ids as int32."""
+    Ring and all-gather K/V gradients travel as float32; segment ids as int32."""
     n, t = sequence, seq_len // sequence
     kv = batch * t * kv_heads * head_dim * act_bytes  # this device's K (or V) shard
     kv32 = batch * t * kv_heads * head_dim * 4
@@ -383,7 +383,7 @@ def expected_terms(variant: str, *, batch: int, seq_len: int, sequence: int, hea
     if variant == "allgather":
         return [("forward: all-gather K, V", "all-gather", 2 * n * kv),
                 ("forward: all-gather kv segment ids", "all-gather", n * seg),
-                ("backward: reduce-scatter dK, dV", "reduce-scatter", 2 * n * kv)]
+                ("backward: reduce-scatter dK, dV (float32)", "reduce-scatter", 2 * n * kv32)]
     if variant == "lasp2":
         pieces = 2 if zigzag > 1 else 1
         states = n * pieces * batch * kv_heads * (head_dim * head_dim + 1) * 4  # + summed log decays
