@@ -86,6 +86,12 @@ def test_unknown_section():
         ({"mesh.pipeline": 2, "mesh.fsdp": 1, "train.grad_accum_steps": 2}, 8,
          r"train.grad_accum_steps=2 with mesh.pipeline=2"),
         ({"train.seq_len": 4096}, 8, r"train.seq_len=4096 exceeds model.max_seq_len=2048"),
+        ({"mesh.pipeline": 2, "mesh.fsdp": 1, "model.mixer": "linear"}, 8,
+         r"model.mixer='linear': the pipeline stages run softmax-attention blocks only"),
+        ({"mesh.pipeline": 2, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.sequence": 2}, 8,
+         r"mesh.sequence=2: the pipeline does not compose with sequence parallelism yet"),
+        ({"mesh.data": 1, "mesh.fsdp": 1, "mesh.sequence": 4, "train.seq_len": 100}, 8,
+         r"train.seq_len=100 is not divisible by mesh.sequence\*mesh.tensor=8"),
         ({"model.vocab_size": 128, "mesh.tensor": 1, "mesh.data": 4}, 8, r"model.vocab_size=128 is too small"),
     ],
 )
