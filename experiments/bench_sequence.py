@@ -400,10 +400,11 @@ def readme(results: dict) -> str:
         "- Memory: every variant's peak grows about linearly in T (exponent 0.95-0.99), so the longest "
         "sequence in a fixed budget grows about n-fold: the ring keeps its own shard plus the K/V block in "
         "flight, Ulysses holds the whole sequence but for 1/n of the heads, LASP-2 its shard plus n small "
-        "states. Its n=1 peak is above softmax attention's: the chunked form saves [chunk x chunk] decay "
-        "and score tiles for every chunk (T x chunk per head), where blockwise softmax recomputes its tiles "
-        "(an earlier run showed n=1 and Ulysses quadratic: JAX hoisted the blockwise path's mask tiles out "
-        "of the layer scan; fixed in jaxpar/kernels/chunked_attention.py, tested in tests/test_attention.py).",
+        "states. LASP-2's chunk step is rematerialised (its [chunk x chunk] decay and score tiles are "
+        "recomputed in the backward, not saved for every chunk): 1,617 -> 766 MiB at n=1, T=8192 when "
+        "introduced. (An earlier run showed n=1 and Ulysses quadratic: JAX hoisted the blockwise path's "
+        "mask tiles out of the layer scan; fixed in jaxpar/kernels/chunked_attention.py, tested in "
+        "tests/test_attention.py.)",
         "- TokenRing (Q forward and partial outputs back, both directions at once) was not built: per ring "
         "step its busier direction carries a Q or an O block, b t N H elements, where the ring carries K "
         "and V, 2 b t K H. That is fewer bytes only when N < 2K (at most 2 query heads per KV head): for "

@@ -106,7 +106,9 @@ def chunked_linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_
         carried = jnp.where(keep, jnp.exp(chunk_log_decay), 0.0)[..., None, None] * state
         return (carried + chunk_state, last), (inter + intra)
 
-    _, out = jax.lax.scan(step, (initial_state.astype(f32), initial_tag.astype(jnp.int32)), xs)
+    # Rematerialised: the backward recomputes a chunk's [C, C] decay and score tiles instead of saving
+    # them for every chunk (halves the train step's memory; benchmarks/sequence).
+    _, out = jax.lax.scan(jax.checkpoint(step), (initial_state.astype(f32), initial_tag.astype(jnp.int32)), xs)
     out = jnp.moveaxis(out, 0, 1).reshape(B, T + pad, N, H)[:, :T]
     return out.astype(q_BTNH.dtype)
 
