@@ -18,7 +18,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -27,12 +26,11 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-import flax  # noqa: E402
 import jax  # noqa: E402
-import jaxlib  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from jaxpar import machine  # noqa: E402
 from jaxpar.config import MeshConfig, RunConfig, from_config_dict, validate_run  # noqa: E402
 from jaxpar.parallel import analysis  # noqa: E402
 from jaxpar.parallel.mesh import make_mesh  # noqa: E402
@@ -130,17 +128,6 @@ def run_presets_in_child() -> dict:
         subprocess.run([sys.executable, __file__, f"--presets={','.join(_PRESETS.value)}",
                         f"--presets_json={out}"], env=env, check=True)
         return json.loads(out.read_text())
-
-
-def machine() -> dict:
-    cpuinfo = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-               "unknown")
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
-        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 def _mb(nbytes: float) -> str:
@@ -264,7 +251,7 @@ def main(argv):
         pathlib.Path(_PRESETS_JSON.value).write_text(json.dumps(presets))
         return
     results = {
-        "machine": machine(),
+        "machine": machine.describe(),
         "config": config_flags.get_config_filename(flags.FLAGS["config"]),
         "strategies": run_strategies(from_config_dict(_CONFIG.value)),
         "presets": run_presets_in_child(),

@@ -22,21 +22,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
 
-import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
+from jaxpar import machine  # noqa: E402
 from jaxpar.config import MESH_AXES, ModelConfig, OptimizerConfig, PipelineConfig  # noqa: E402
 from jaxpar.models.llama import Transformer  # noqa: E402
 from jaxpar.parallel import analysis, pipeline, schedules  # noqa: E402
@@ -318,16 +316,6 @@ def part3(seq: int, rows: int) -> dict:
 # --- report ----------------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    cpuinfo = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-               "unknown")
-    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
-            "devices": jax.device_count(),
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
 def _mib(n) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
 
@@ -463,7 +451,7 @@ def main(argv):
     if _RENDER_ONLY.value:
         (out / "README.md").write_text(readme(json.loads((out / "results.json").read_text())))
         return
-    results = {"machine": machine(), "seq_len": _SEQ.value, "model": dataclasses.asdict(MODEL), "mesh": MESH}
+    results = {"machine": machine.describe(), "seq_len": _SEQ.value, "model": dataclasses.asdict(MODEL), "mesh": MESH}
     results["part1"] = part1(out)
     if not _SKIP_COMPILE.value:
         results["part2"] = part2(_SEQ.value, MESH["data"] * _ROWS.value)

@@ -3,19 +3,26 @@
 import datetime
 import os
 import pathlib
+import platform
 
 import flax
 import jax
 import jaxlib
 
 
-def describe() -> dict:
+def cpu_model() -> str:
+    """The host CPU's model name (from /proc/cpuinfo where there is one)."""
     cpuinfo = pathlib.Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine() or "unknown")
+
+
+def describe() -> dict:
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "python": platform.python_version(),
         "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxpar.envs as E
+from jaxpar import machine as machine_lib
 from jaxpar.envs.wrappers import VecEnv
 
 JAXMARL_IDS = {
@@ -239,14 +240,6 @@ def scaling(env_id: str, num_envs: int, num_steps: int, device_counts, reps: int
 
 
 def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     versions = {"python": platform.python_version()}
     for pkg in ("jax", "jaxlib", "flax", "numpy", "mpe2", "pettingzoo", "jaxmarl"):
         try:
@@ -254,7 +247,7 @@ def machine() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     return {
-        "cpu_model": model,
+        "cpu_model": machine_lib.cpu_model(),
         "cpu_cores": os.cpu_count(),
         "platform": platform.platform(),
         "backend": jax.default_backend(),

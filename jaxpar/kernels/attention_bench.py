@@ -4,11 +4,8 @@ reference (every backend) for each attention implementation, and the report (jso
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -16,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpar import machine as machine_lib
 from jaxpar.kernels import attention as attn_lib
 from jaxpar.kernels import flash_attention as fa
 
@@ -138,21 +136,7 @@ def measure_error(label: str, case: BenchCase) -> dict:
 # Report.
 
 
-def machine() -> dict:
-    device = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import flax
-    import jaxlib
-
-    return {"backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
-            "device_count": jax.device_count(), "cpu": cpu, "cpu_cores": os.cpu_count(),
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+machine = machine_lib.describe  # what the results name as their machine
 
 
 def _fmt(value, spec):
@@ -163,8 +147,8 @@ def markdown(results: dict) -> str:
     m, records = results["machine"], results["records"]
     labels = [label for label in IMPLEMENTATIONS if any(r["impl"] == label for r in records)]
     lines = [f"# Attention benchmark ({m['backend']})", "",
-             f"Machine: {m['device']} ({m['device_count']} device(s)); host CPU {m['cpu']}, "
-             f"{m['cpu_cores']} cores. jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, "
+             f"Machine: {m['device_kind']} ({m['devices']} device(s)); host CPU {m['cpu']}, "
+             f"{m['cores']} cores. jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, "
              f"Python {m['python']}. Date {m['date']}.", ""]
     lines += results.get("notes", [])
     cases = sorted({(r["dtype"], r["seq_len"], r["head_dim"], r["causal"]) for r in records})
@@ -242,7 +226,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     what = "speed" if results["mode"] == "speed" else "correctness only (no GPU; Pallas in interpret mode)"
-    fig.suptitle(f"Attention {what}: {m['device']}, jax {m['jax']}, {m['date']}", fontsize=10)
+    fig.suptitle(f"Attention {what}: {m['device_kind']}, jax {m['jax']}, {m['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
