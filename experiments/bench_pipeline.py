@@ -451,7 +451,8 @@ def main(argv):
     if _RENDER_ONLY.value:
         (out / "README.md").write_text(readme(json.loads((out / "results.json").read_text())))
         return
-    results = {"machine": machine.describe(), "seq_len": _SEQ.value, "model": dataclasses.asdict(MODEL), "mesh": MESH}
+    results = {"machine": machine.describe(), "seq_len": _SEQ.value, "model": dataclasses.asdict(MODEL),
+               "mesh": MESH}
     results["part1"] = part1(out)
     if not _SKIP_COMPILE.value:
         results["part2"] = part2(_SEQ.value, MESH["data"] * _ROWS.value)

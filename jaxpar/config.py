@@ -21,10 +21,12 @@ from jaxpar.parallel.schedules import SCHEDULES, Schedule, ScheduleError, cached
 # Names accepted by jaxpar.kernels.attention.attention; "auto" picks the best for the inputs and backend.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
 MESH_AXES = ("pipeline", "data", "fsdp", "expert", "sequence", "tensor")
-# How attention crosses sequence shards (jaxpar.parallel.sequence.VARIANTS).
+# How attention crosses sequence shards (jaxpar.parallel.sequence), and the token layouts it can use.
 SEQUENCE_PARALLEL = ("ring", "ulysses", "usp", "allgather")
+SEQUENCE_LAYOUTS = ("zigzag", "contiguous")
 # Token mixers: softmax attention, linear attention (LASP-2 when sequence-parallel), or both interleaved.
 MIXERS = ("softmax", "linear", "hybrid")
+LINEAR_GATES = ("none", "scalar")  # plain linear attention, or a data-dependent decay per KV head
 
 
 class ConfigError(ValueError):
@@ -109,7 +111,7 @@ class ModelConfig:
         one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
         one_of("model.sequence_parallel", self.sequence_parallel, SEQUENCE_PARALLEL)
         one_of("model.mixer", self.mixer, MIXERS)
-        one_of("model.linear_gate", self.linear_gate, ("none", "scalar"))
+        one_of("model.linear_gate", self.linear_gate, LINEAR_GATES)
         require(self.ulysses_degree >= 0,
                 f"model.ulysses_degree={self.ulysses_degree} must be >= 0 (0 = auto).")
         require(self.linear_chunk >= 1, f"model.linear_chunk={self.linear_chunk} must be positive.")
@@ -273,8 +275,7 @@ class PipelineConfig:
     split_backward: bool = False
 
     def __post_init__(self):
-        require(self.schedule in SCHEDULES,
-                f"pipeline.schedule={self.schedule!r} is not supported; choose one of {list(SCHEDULES)}.")
+        one_of("pipeline.schedule", self.schedule, SCHEDULES)
         require(self.microbatches >= 1, f"pipeline.microbatches={self.microbatches} must be >= 1.")
         require(self.virtual_stages >= 1, f"pipeline.virtual_stages={self.virtual_stages} must be >= 1.")
         require(self.virtual_stages == 1 or self.schedule in ("gpipe", "interleaved_1f1b"),
@@ -349,9 +350,6 @@ class RunConfig:
     pipeline: PipelineConfig = PipelineConfig()
 
 
-SECTIONS = {field.name: field.type for field in dataclasses.fields(RunConfig)}
-
-
 def build_section(cls: type, section: str, values: dict[str, Any]):
     """A config dataclass from a dict of one section: unknown keys and wrong types are ConfigErrors
     naming `section.key`; nested dataclass fields are built from nested dicts."""
@@ -375,17 +373,24 @@ def build_section(cls: type, section: str, values: dict[str, Any]):
     return cls(**kwargs)
 
 
+def build_run(cls: type, config: ml_collections.ConfigDict | dict):
+    """A run config (a dataclass with one section per field) from a ConfigDict or dict: unknown
+    sections, unknown keys and wrong types are ConfigErrors; missing sections take their defaults."""
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    sections = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(sections))
+    require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(sections)}.")
+    return cls(**{name: build_section(section, name, dict(raw.get(name, {})))
+                  for name, section in sections.items()})
+
+
 def from_config_dict(config: ml_collections.ConfigDict | dict) -> RunConfig:
     """The one boundary from a (user-edited) ConfigDict to typed, validated configs."""
-    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-    unknown = sorted(set(raw) - set(SECTIONS))
-    require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(SECTIONS)}.")
-    hints = typing.get_type_hints(RunConfig)
-    sections = {name: build_section(hints[name], name, dict(raw.get(name, {}))) for name in SECTIONS}
-    return RunConfig(**sections)
+    return build_run(RunConfig, config)
 
 
-def to_dict(run: RunConfig) -> dict[str, dict[str, Any]]:
+def to_dict(run) -> dict[str, dict[str, Any]]:
+    """A run config (RunConfig, or jaxpar.rl's MARLRunConfig) as plain dicts, as config.json holds it."""
     return dataclasses.asdict(run)
 
 
@@ -395,6 +400,44 @@ def default_ulysses_degree(sequence: int, heads: int, kv_heads: int) -> int:
     head counts."""
     return max(u for u in range(1, max(sequence, 2)) if sequence % u == 0 and heads % u == 0
                and kv_heads % u == 0)
+
+
+def resolve_ulysses_degree(ulysses_degree: int, sequence: int, heads: int, kv_heads: int) -> int:
+    """USP's Ulysses size: the configured one, or `default_ulysses_degree` for 0."""
+    return ulysses_degree or default_ulysses_degree(sequence, heads, kv_heads)
+
+
+def run_zigzag_factor(model_cfg: ModelConfig, mesh_sizes: Mapping[str, int]) -> int:
+    """The zigzag n of a run, from its ModelConfig (sequence_parallel, mixer, ulysses_degree, heads) and
+    mesh axis sizes: what the data pipeline passes to `jaxpar.parallel.sequence.zigzag_batch`, and what every layer assumes."""
+    sequence, tensor = mesh_sizes.get("sequence", 1), mesh_sizes.get("tensor", 1)
+    if sequence <= 1:
+        return 1
+    degree = 1
+    if model_cfg.sequence_parallel == "usp":
+        degree = resolve_ulysses_degree(model_cfg.ulysses_degree, sequence, model_cfg.n_heads // tensor,
+                                        model_cfg.n_kv_heads // tensor)
+    return zigzag_factor(model_cfg.sequence_parallel, sequence, degree, mixer=model_cfg.mixer)
+
+
+def zigzag_factor(variant: str, sequence: int, ulysses_degree: int = 1, mixer: str = "softmax",
+                  layout: str = "zigzag") -> int:
+    """The n of the zigzag layout a run uses (1: contiguous). ring and allgather balance over all
+    `sequence` devices, usp over its ring of sequence / ulysses_degree groups, ulysses needs none (every
+    device attends to the whole sequence for its heads), and neither does a model of linear attention
+    only (LASP-2's work is the same on every shard). The data pipeline and every layer must agree."""
+    if variant not in SEQUENCE_PARALLEL:
+        raise ValueError(f"sequence_parallel={variant!r} is not supported; choose one of {list(SEQUENCE_PARALLEL)}")
+    if layout not in SEQUENCE_LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not supported; choose one of {list(SEQUENCE_LAYOUTS)}")
+    if sequence <= 1 or layout == "contiguous" or variant == "ulysses" or mixer == "linear":
+        return 1
+    if variant == "usp":
+        if ulysses_degree < 1 or sequence % ulysses_degree:
+            raise ValueError(f"usp ulysses_degree={ulysses_degree} must be a divisor of the sequence axis "
+                             f"size {sequence}.")
+        return sequence // ulysses_degree
+    return sequence
 
 
 def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict[str, int]) -> None:
@@ -410,11 +453,9 @@ def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict
     )
     variant = model.sequence_parallel
     heads, kv_heads = model.n_heads // tensor, model.n_kv_heads // tensor
-    zigzag = sequence  # ring and allgather balance causal work with a zigzag over every sequence shard
     if model.mixer == "linear":
-        zigzag = 1
+        pass  # LASP-2 has no head constraint
     elif variant == "ulysses":
-        zigzag = 1
         require(
             heads % sequence == 0 and kv_heads % sequence == 0,
             f"model.sequence_parallel='ulysses' splits heads over mesh.sequence={sequence}, but each tensor "
@@ -423,13 +464,13 @@ def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict
             "Use sequence_parallel='usp' with a smaller model.ulysses_degree, or 'ring'.",
         )
     elif variant == "usp":
-        degree = model.ulysses_degree or default_ulysses_degree(sequence, heads, kv_heads)
+        degree = resolve_ulysses_degree(model.ulysses_degree, sequence, heads, kv_heads)
         require(
             sequence % degree == 0 and heads % degree == 0 and kv_heads % degree == 0,
             f"model.ulysses_degree={degree} must divide mesh.sequence={sequence} and the {heads} query and "
             f"{kv_heads} key/value heads of each tensor shard.",
         )
-        zigzag = sequence // degree
+    zigzag = run_zigzag_factor(model, sizes)
     pieces = 2 * sequence if zigzag > 1 else sequence
     require(
         train.seq_len % pieces == 0,

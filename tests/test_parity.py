@@ -9,21 +9,10 @@ import pytest
 
 from jaxpar.parallel.mesh import make_mesh
 from jaxpar.train import state as state_lib, step as step_lib
-from lm_testing import MESHES, OPT, TINY, packed_batch, single_device_mesh
+from lm_testing import (MESHES, OPT, TINY, assert_grads_close, loss_and_grads_on, packed_batch,
+                        single_device_mesh)
 
 STEPS = 20
-
-
-def loss_and_grads_on(mesh, model_cfg, batch, grad_accum_steps=1):
-    tx = state_lib.make_optimizer(OPT, STEPS)
-    graphdef, state, shardings = state_lib.init_state(model_cfg, tx, mesh, seed=0)
-    fn = functools.partial(step_lib.loss_and_grads, graphdef=graphdef, grad_accum_steps=grad_accum_steps,
-                           grad_shardings=shardings.params)
-    with jax.set_mesh(mesh):
-        jitted = jax.jit(lambda p, b: fn(p, batch=b)[:2],
-                         in_shardings=(shardings.params, step_lib.batch_sharding(mesh)))
-        loss, grads = jitted(state.params, jax.device_put(batch, step_lib.batch_sharding(mesh)))
-    return float(loss), jax.tree.map(np.asarray, grads), grads
 
 
 def train_losses_on(mesh, model_cfg):
@@ -45,14 +34,6 @@ def reference(tie_embeddings=False):
     cfg = TINY.__class__(**{**TINY.__dict__, "tie_embeddings": tie_embeddings})
     loss, grads, _ = loss_and_grads_on(single_device_mesh(), cfg, packed_batch(0))
     return cfg, loss, grads
-
-
-def assert_grads_close(grads, expected):
-    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-    for (path, got), want in zip(flat, jax.tree.leaves(expected)):
-        scale = np.abs(want).max()
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale + 1e-9,
-                                   err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])

@@ -31,7 +31,7 @@ from jaxpar.config import MESH_AXES, ConfigError, ModelConfig, MoEConfig
 from jaxpar.config import PipelineConfig
 from jaxpar.parallel.pipeline import pipelined_loss_and_grads
 from jaxpar.train import state as state_lib, step as step_lib
-from lm_testing import OPT, packed_batch, single_device_mesh
+from lm_testing import OPT, assert_grads_close, packed_batch, single_device_mesh
 
 # LLVM's expensive passes double the compile time of the (large) pipelined program on CPU and do not
 # change the HLO numerics being compared.
@@ -122,15 +122,6 @@ def pipelined_setup(name: str):
     with jax.set_mesh(mesh):
         grads_fn = jax.jit(fn, in_shardings=(param_shardings, batch_sharding), compiler_options=FAST_COMPILE)
     return mesh, tx, params, grads_fn, batch_sharding, param_shardings
-
-
-def assert_grads_close(grads, expected):
-    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-    assert len(flat) == len(jax.tree.leaves(expected))
-    for (path, got), want in zip(flat, jax.tree.leaves(expected)):
-        want = np.asarray(want)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max() + 1e-9,
-                                   err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -41,7 +41,7 @@ def test_real_presets_lower_abstractly(preset, mesh):
              for k in step_lib.BATCH_KEYS}
     with jax.set_mesh(mesh):
         lowered = step_lib.jit_train_step(step, mesh, shardings).lower(abstract, batch)
-    assert "stablehlo" in lowered.as_text()[:5000] or lowered.as_text()
+    assert "stablehlo." in lowered.as_text()
     trained = [x for path, x in jax.tree_util.tree_flatten_with_path(abstract.params)[0]
                if "router_bias" not in jax.tree_util.keystr(path)]  # moved by load statistics, not trained
     assert sum(int(np.prod(x.shape)) for x in trained) == run.model.n_params

@@ -175,6 +175,11 @@ def test_no_mesh_or_one_shard_is_plain_attention():
     want = attention(x["q"], x["k"], x["v"], segment_ids=x["seg"], implementation="xla")
     got = seq.sequence_attention(x["q"], x["k"], x["v"], segment_ids=x["seg"], implementation="xla")
     np.testing.assert_array_equal(got, want)
+    with jax.set_mesh(mesh_of(data=8)):  # a mesh whose sequence axis has size 1
+        got = jax.jit(lambda q, k, v, seg: seq.sequence_attention(q, k, v, segment_ids=seg,
+                                                                   implementation="xla"))(
+            x["q"], x["k"], x["v"], x["seg"])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,12 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpar import config as config_lib
 from jaxpar.config import ConfigError, DataConfig, MeshConfig, MoEConfig, RunConfig, TrainConfig, validate_run
 from jaxpar.parallel import sequence as seq
 from jaxpar.parallel.mesh import make_mesh
-from lm_testing import TINY, packed_batch, single_device_mesh
-from test_parity import assert_grads_close, loss_and_grads_on
+from lm_testing import TINY, assert_grads_close, loss_and_grads_on, packed_batch, single_device_mesh
 
 # Configs are built inside the tests (not at import), so that before the model wiring exists these tests
 # fail one by one instead of breaking the collection of the whole suite.
@@ -82,10 +80,6 @@ def test_loss_and_grads_match_single_device(name):
     want_loss, want_grads = reference(model)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     assert_grads_close(grads, want_grads)
-
-
-def test_variant_names_agree_with_config():
-    assert tuple(config_lib.SEQUENCE_PARALLEL) == seq.VARIANTS
 
 
 def test_impossible_splits_are_config_errors():

@@ -181,4 +181,5 @@ def test_sequence_parallel_run_matches_data_parallel(tmp_path, overrides):
         assert result.returncode == 0, result.stderr[-3000:]
     split, whole = curve(tmp_path / "split"), curve(tmp_path / "whole")
     assert sorted(split) == [1, 2, 3, 4]
-    np.testing.assert_allclose([split[s] for s in sorted(split)], [whole[s] for s in sorted(whole)], rtol=2e-4)
+    # Same math in another order: measured max relative difference 1.7e-7 (loss, grad_norm).
+    np.testing.assert_allclose([split[s] for s in sorted(split)], [whole[s] for s in sorted(whole)], rtol=2e-6)

@@ -22,16 +22,14 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpar.envs.core import MultiAgentEnv
 from jaxpar.envs.wrappers import VecEnv
-from jaxpar.parallel.rules import logical_to_spec
+from jaxpar.parallel.rules import logical_to_spec, mesh_axes
 
 Policy = Callable[[jax.Array, jax.Array], jax.Array]  # (key, obs [B, A, D]) -> actions [B, A, ...]
 
 
 def batch_shards(mesh: Mesh) -> int:
     """How many ways the logical "batch" axis is split on this mesh."""
-    axes = logical_to_spec(("batch",))[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in mesh_axes("batch"))
 
 
 class EnvRuntime:
@@ -53,6 +51,7 @@ class EnvRuntime:
         reset_out = jax.eval_shape(self.vec.reset, key)
         actions = jax.ShapeDtypeStruct(self.vec.action_space.shape, self.vec.action_space.dtype)
         step_out = jax.eval_shape(self.vec.step, key, reset_out[1], actions)
+        self.obs_sharding = self.batch_sharding(reset_out[0])
         self.state_sharding = self.batch_sharding(reset_out[1])
         self.action_sharding = self.batch_sharding(actions)
         self.reset = jax.jit(
@@ -101,5 +100,4 @@ class EnvRuntime:
 
             return jax.lax.scan(body, (obs, state), jax.random.split(key, num_steps))
 
-        obs_sharding = self.batch_sharding(jax.eval_shape(self.vec.reset, jax.random.key(0))[0])
-        return jax.jit(run, in_shardings=(self.replicated, obs_sharding, self.state_sharding))
+        return jax.jit(run, in_shardings=(self.replicated, self.obs_sharding, self.state_sharding))

@@ -25,7 +25,6 @@ stays whole (sequence parallelism is ring/ulysses attention's job).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from jaxpar.config import ATTENTION_IMPLEMENTATIONS
 from jaxpar.kernels import chunked_attention as chunked_lib
 from jaxpar.kernels import flash_attention as flash_lib
+from jaxpar.parallel import rules
 
 IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 # Above this many logits per (batch, head) the xla implementation switches to the blockwise path:
@@ -222,13 +222,6 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=None, causa
 # Running a kernel per device under a mesh.
 
 
-def _mesh_axes(logical: str) -> tuple[str, ...]:
-    from jaxpar.parallel.rules import logical_to_spec
-
-    axes = logical_to_spec((logical,))[0]
-    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-
-
 def shard_over_mesh(kernel, q_BTNH, k_BSKH, v_BSKH, extras: dict):
     """kernel(q, k, v, extras) -> (out_BTNH, lse_BTN), run on each device's shard of batch and heads when
     a mesh of more than one device is set; called directly otherwise (or when nothing divides)."""
@@ -236,21 +229,10 @@ def shard_over_mesh(kernel, q_BTNH, k_BSKH, v_BSKH, extras: dict):
     if mesh.empty or mesh.size == 1:
         return kernel(q_BTNH, k_BSKH, v_BSKH, extras)
     # Axes already manual (we are inside someone's shard_map) cannot be mapped again.
-    usable = {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
-              if size > 1 and kind != AxisType.Manual}
+    usable = rules.usable_axes(mesh)
     B, N, K = q_BTNH.shape[0], q_BTNH.shape[2], k_BSKH.shape[2]
-
-    def pick(logical, *dims):
-        """The rule's mesh axes for this logical axis that are usable and keep every dim divisible."""
-        chosen = []
-        for axis in _mesh_axes(logical):
-            if axis in usable:
-                ways = math.prod(usable[a] for a in chosen) * usable[axis]
-                if all(d % ways == 0 for d in dims):
-                    chosen.append(axis)
-        return tuple(chosen) or None
-
-    batch, heads = pick("batch", B), pick("heads", N, K)
+    batch = rules.divisible_axes(rules.mesh_axes("batch"), usable, (B,))
+    heads = rules.divisible_axes(rules.mesh_axes("heads"), usable, (N, K))
     if batch is None and heads is None:
         return kernel(q_BTNH, k_BSKH, v_BSKH, extras)
     qkv_spec, row_spec, lse_spec = P(batch, None, heads, None), P(batch, None), P(batch, None, heads)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxpar.kernels.flash_attention import (MASKED, MaskSpec, attention_vjp, block_may_attend, capped,
-                                            check_inputs, softcap_grad, visible)
+                                            check_inputs, finite_lse, maybe_skip, round_up, softcap_grad,
+                                            visible)
 
 DEFAULT_CHUNK = 512
 
@@ -85,7 +86,7 @@ def _forward(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
                 return acc, m_new, alpha * l + jnp.sum(p, axis=-1)
 
             pred = block_may_attend(qp, kp, qs, ks, spec)
-            return (update(carry) if pred is None else lax.cond(pred, update, lambda c: c, carry)), None
+            return maybe_skip(pred, update, carry), None
 
         cq = qc.shape[1]
         init = (jnp.zeros((B, K, G, cq, H), jnp.float32), jnp.full((B, K, G, cq), MASKED, jnp.float32),
@@ -110,7 +111,7 @@ def _backward(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do
     B, Tq, K, G, H = q.shape
     cq, ck = static.chunk_q, static.chunk_k
     delta = jnp.einsum("bqkgh,bqkgh->bkgq", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
-    lse = jnp.where(lse > MASKED, lse, 0.0)
+    lse = finite_lse(lse)
     nq = Tq // cq
     q_xs = (_chunks(q, cq), _chunks(do, cq), jnp.moveaxis(lse.reshape(B, K, G, nq, cq), 3, 0),
             jnp.moveaxis(delta.reshape(B, K, G, nq, cq), 3, 0), _chunks(q_pos, cq),
@@ -173,7 +174,7 @@ def chunked_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_segme
     B, Tq, N, H = q_BTNH.shape
     Tk, K = k_BSKH.shape[1], k_BSKH.shape[2]
     cq, ck = min(chunk_size, Tq), min(chunk_size, Tk)
-    Tq_pad, Tk_pad = -(-Tq // cq) * cq, -(-Tk // ck) * ck
+    Tq_pad, Tk_pad = round_up(Tq, cq), round_up(Tk, ck)
     spec = MaskSpec(causal=bool(causal), window=window, softcap=softcap,
                     scale=H**-0.5 if scale is None else float(scale), kv_len=Tk if Tk_pad != Tk else None)
 

@@ -166,7 +166,7 @@ def _dot_tn(a, b):  # a [k, m]^T . b [k, n] -> [m, n] float32
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _maybe_skip(pred, update, carry):
+def maybe_skip(pred, update, carry):
     return update(carry) if pred is None else lax.cond(pred, update, lambda c: c, carry)
 
 
@@ -202,7 +202,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_se
             acc = alpha[:, None] * acc + _dot_nn(p.astype(v.dtype), v)
             return acc, m_new, l
 
-        return _maybe_skip(block_may_attend(q_pos, kv_pos, q_seg, kv_seg, spec), update, carry)
+        return maybe_skip(block_may_attend(q_pos, kv_pos, q_seg, kv_seg, spec), update, carry)
 
     init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), MASKED, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
@@ -224,14 +224,14 @@ def _probs(q, k, lse_safe, q_pos, kv_pos, q_seg, kv_seg, spec, kv_index):
     return p, s
 
 
-def _finite_lse(lse):
+def finite_lse(lse):
     return jnp.where(lse > MASKED, lse, 0.0)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
                dq_ref, *, spec: MaskSpec, block_k: int):
     q, do = q_ref[...], do_ref[...]
-    lse, delta = _finite_lse(lse_ref[...]), delta_ref[...]
+    lse, delta = finite_lse(lse_ref[...]), delta_ref[...]
     q_pos = q_pos_ref[...]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
@@ -248,7 +248,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_po
                 ds = ds * softcap_grad(s, spec)
             return dq + _dot_nn(ds.astype(k.dtype), k)
 
-        return _maybe_skip(block_may_attend(q_pos, kv_pos, q_seg, kv_seg, spec), update, dq)
+        return maybe_skip(block_may_attend(q_pos, kv_pos, q_seg, kv_seg, spec), update, dq)
 
     dq = lax.fori_loop(0, k_ref.shape[0] // block_k, visit, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
@@ -274,7 +274,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_p
         def update(carry):
             dk, dv = carry
             q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
-            lse, delta = _finite_lse(lse_ref[g, q_slice]), delta_ref[g, q_slice]
+            lse, delta = finite_lse(lse_ref[g, q_slice]), delta_ref[g, q_slice]
             p, s = _probs(q, k, lse, q_pos, kv_pos, q_seg, kv_seg, spec, kv_index)
             dv = dv + _dot_tn(p.astype(do.dtype), do)
             ds = p * (_dot_nt(do, v) - delta[:, None])
@@ -283,7 +283,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_p
             dk = dk + _dot_tn(ds.astype(q.dtype), q)
             return dk, dv
 
-        return _maybe_skip(block_may_attend(q_pos, kv_pos, q_seg, kv_seg, spec), update, carry)
+        return maybe_skip(block_may_attend(q_pos, kv_pos, q_seg, kv_seg, spec), update, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, group * num_q_blocks, visit, (zeros, zeros))
@@ -422,7 +422,7 @@ _flash = attention_vjp(_forward, _backward)
 # Public wrapper.
 
 
-def _round_up(x: int, m: int) -> int:
+def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
@@ -501,8 +501,8 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_segment
         block_q_dkv=min(blocks.block_q_dkv, q_cap),
         block_k=min(blocks.block_k, k_cap), block_k_dq=min(blocks.block_k_dq, k_cap),
         block_k_dkv=min(blocks.block_k_dkv, k_cap))
-    Tq_pad = _round_up(Tq, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
-    Tk_pad = _round_up(Tk, max(blocks.block_k, blocks.block_k_dq, blocks.block_k_dkv))
+    Tq_pad = round_up(Tq, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
+    Tk_pad = round_up(Tk, max(blocks.block_k, blocks.block_k_dq, blocks.block_k_dkv))
     H_pad = max(16, pl.next_power_of_2(H))
 
     scale = H**-0.5 if scale is None else float(scale)

@@ -61,8 +61,9 @@ def maybe_initialize(env=None) -> bool:
     kwargs = {}
     if env.get(HEARTBEAT_TIMEOUT):
         kwargs["heartbeat_timeout_seconds"] = int(env[HEARTBEAT_TIMEOUT])
-    if env.get(LOCAL_DEVICES) == "visible" and _visible_gpu_ids(env):
-        kwargs["local_device_ids"] = _visible_gpu_ids(env)
+    visible = _visible_gpu_ids(env) if env.get(LOCAL_DEVICES) == "visible" else None
+    if visible:
+        kwargs["local_device_ids"] = visible
     if mode == "explicit":
         missing = [name for name in (NUM_PROCESSES, PROCESS_ID) if not env.get(name)]
         if missing:

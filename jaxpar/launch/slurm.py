@@ -25,7 +25,7 @@ import shlex
 import subprocess
 import sys
 
-from jaxpar.launch.job import REPO_ROOT, Job, LaunchError, now, write_launch_record
+from jaxpar.launch.job import REPO_ROOT, Job, LaunchError, now, override_flags, write_launch_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +182,6 @@ def render_script(jobs: list[Job], options: SlurmOptions, output: str, comment: 
 
 
 def _words(job: Job) -> str:
-    from jaxpar.launch.job import override_flags
-
     return " ".join(shlex.quote(flag) for flag in override_flags(job.overrides))
 
 

@@ -39,35 +39,32 @@ def _axes(spec: Mapping[str, Iterable[Any]]) -> list[list[Point]]:
     return axes
 
 
-def product(*specs: Mapping[str, Iterable[Any]] | list[Point]) -> list[Point]:
-    """Cartesian product over every key of every spec; a spec may also be a list of points (a zip_)."""
+def _all_axes(specs) -> list[list[Point]]:
     axes = []
     for spec in specs:
         axes += [list(spec)] if isinstance(spec, list) else _axes(spec)
-    points = []
-    for combo in itertools.product(*axes):
-        point: Point = {}
-        for part in combo:
-            _merge(point, part)
-        points.append(point)
-    return points
+    return axes
+
+
+def _merged(combo) -> Point:
+    point: Point = {}
+    for part in combo:
+        _merge(point, part)
+    return point
+
+
+def product(*specs: Mapping[str, Iterable[Any]] | list[Point]) -> list[Point]:
+    """Cartesian product over every key of every spec; a spec may also be a list of points (a zip_)."""
+    return [_merged(combo) for combo in itertools.product(*_all_axes(specs))]
 
 
 def zip_(*specs: Mapping[str, Iterable[Any]] | list[Point]) -> list[Point]:
     """Position-wise: {"a": [1, 2], "b": [3, 4]} -> [{a: 1, b: 3}, {a: 2, b: 4}]; lengths must match."""
-    axes = []
-    for spec in specs:
-        axes += [list(spec)] if isinstance(spec, list) else _axes(spec)
+    axes = _all_axes(specs)
     lengths = {len(axis) for axis in axes}
     if len(lengths) > 1:
         raise LaunchError(f"zip_ needs axes of equal length, got lengths {sorted(lengths)}.")
-    points = []
-    for combo in zip(*axes):
-        point: Point = {}
-        for part in combo:
-            _merge(point, part)
-        points.append(point)
-    return points
+    return [_merged(combo) for combo in zip(*axes)]
 
 
 def chain(*sweeps: list[Point]) -> list[Point]:

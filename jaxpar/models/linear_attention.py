@@ -21,11 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.models.params import attention_projections, param as _param
+from jaxpar.models.params import attention_projections, param as _param, rms_norm
 from jaxpar.parallel import sequence as sequence_lib
 from jaxpar.parallel.rules import constrain
 
-GATES = ("none", "scalar")
 # GLA's normaliser: log decay = log_sigmoid(x w + b) / 16 keeps decays near 1 at initialisation.
 GATE_LOGIT_NORMALIZER = 16.0
 NO_SEGMENT = jnp.iinfo(jnp.int32).min
@@ -199,9 +198,7 @@ class LinearAttention(nnx.Module):
         zigzag = sequence_lib.run_zigzag_factor(cfg, sequence_lib.current_mesh_sizes())
         out_BTNH = linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT,
                                     chunk=cfg.linear_chunk, zigzag=zigzag)
-        out32 = out_BTNH.astype(jnp.float32)
-        out32 = out32 * jax.lax.rsqrt(jnp.mean(out32 * out32, axis=-1, keepdims=True) + cfg.norm_eps)
-        out_BTNH = constrain((out32 * self.out_scale[...].astype(jnp.float32)).astype(dtype), names)
+        out_BTNH = constrain(rms_norm(out_BTNH, self.out_scale[...], cfg.norm_eps), names)
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dtype))
         return constrain(out_BTD, ("batch", "length_sp", "act_embed"))
 

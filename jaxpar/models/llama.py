@@ -14,7 +14,7 @@ from flax import nnx
 from jaxpar.config import ModelConfig
 from jaxpar.models.linear_attention import LinearAttention
 from jaxpar.models.moe import MoE
-from jaxpar.models.params import attention_projections, param as _param
+from jaxpar.models.params import attention_projections, param as _param, residual_out_std, rms_norm
 from jaxpar.parallel.rules import constrain
 from jaxpar.parallel.sequence import sequence_attention
 
@@ -33,9 +33,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
 
     def __call__(self, x_BTD):
-        x32 = x_BTD.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x_BTD.dtype)
+        return rms_norm(x_BTD, self.scale[...], self.eps)
 
 
 def rope(x_BTNH, positions_BT, theta: float):
@@ -75,7 +73,7 @@ class Attention(nnx.Module):
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, d_ff: int | None = None):
         D, F = cfg.d_model, d_ff or cfg.d_ff
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        out_std = residual_out_std(cfg)
         self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std, cfg.param_dtype)
         self.w_up = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std, cfg.param_dtype)
         self.w_down = _param(rngs, (F, D), ("mlp", "embed"), out_std, cfg.param_dtype)
@@ -105,6 +103,9 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
         self.attn = token_mixer(cfg, rngs, mixer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
+        self._init_mlp(cfg, rngs)
+
+    def _init_mlp(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
     def attention_sublayer(self, x_BTD, positions_BT, segment_ids_BT):
@@ -121,10 +122,7 @@ class MoEBlock(Block):
     """A block whose MLP is a mixture of experts (plus optional always-on shared experts); returns the
     router statistics beside the activations."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mixer: str = "softmax"):
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
-        self.attn = token_mixer(cfg, rngs, mixer)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
+    def _init_mlp(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.moe = MoE(cfg, rngs=rngs)
         shared_ff = cfg.moe.shared_experts * cfg.moe.d_ff
         self.shared = SwiGLU(cfg, rngs=rngs, d_ff=shared_ff) if shared_ff else None
@@ -143,12 +141,16 @@ def _run_layer(block, x_BTD, positions_BT, segment_ids_BT):
     return out if isinstance(out, tuple) else (out, {})
 
 
+def _block_type(cfg: ModelConfig) -> type[Block]:
+    return MoEBlock if cfg.moe.experts else Block
+
+
 class HybridGroup(nnx.Module):
     """softmax_every - 1 linear-attention blocks (scanned), then one softmax-attention block. The model
     scans over these groups; statistics come back one row per layer, in layer order."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        block_type = MoEBlock if cfg.moe.experts else Block
+        block_type = _block_type(cfg)
 
         # The group's own stack axis is not split ("layers", the outer one, may be: two would collide).
         @nnx.split_rngs(splits=cfg.softmax_every - 1)
@@ -173,7 +175,7 @@ class Transformer(nnx.Module):
         V, D = cfg.vocab_size, cfg.d_model
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
 
-        block_type = MoEBlock if cfg.moe.experts else Block
+        block_type = _block_type(cfg)
         hybrid = cfg.mixer == "hybrid"
 
         @nnx.split_rngs(splits=cfg.n_layers // cfg.softmax_every if hybrid else cfg.n_layers)

@@ -17,9 +17,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxpar.config import ModelConfig, MoEConfig
-from jaxpar.models.params import param
+from jaxpar.models.params import param, residual_out_std
 from jaxpar.parallel import moe as dispatch
-from jaxpar.parallel.rules import constrain, logical_to_spec
+from jaxpar.parallel.rules import constrain, logical_to_spec, mesh_axes
 
 
 class RouterBias(nnx.Variable):
@@ -110,7 +110,7 @@ class MoE(nnx.Module):
         m = cfg.moe
         self.cfg = m
         D, E, F = cfg.d_model, m.experts, m.d_ff
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        out_std = residual_out_std(cfg)
         self.router = param(rngs, (D, E), ("embed", None), cfg.init_std, "float32")
         self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,))
         self.w_gate = param(rngs, (E, D, F), ("expert", "embed", "mlp"), cfg.init_std, cfg.param_dtype)
@@ -129,7 +129,7 @@ class MoE(nnx.Module):
 
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
         x_spec = logical_to_spec(("batch", "length", None))
-        token_axes = tuple(a for axes in x_spec[:2] if axes for a in ((axes,) if isinstance(axes, str) else axes))
+        token_axes = mesh_axes("batch") + mesh_axes("length")
 
         def local(x_BTD, *args):
             b, t, _ = x_BTD.shape

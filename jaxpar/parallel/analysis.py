@@ -229,13 +229,18 @@ def matmul_flops(compiled_or_hlo) -> int:
     return total
 
 
-def collective_bytes(compiled_or_hlo) -> dict[str, int]:
-    """Bytes per device per step by collective kind (module convention), plus "total"."""
+def _totals(kind_bytes) -> dict[str, int]:
+    """{kind: bytes summed} for every kind in KINDS, plus "total", from (kind, bytes) pairs."""
     totals = dict.fromkeys(KINDS, 0)
-    for op in collective_ops(compiled_or_hlo):
-        totals[op.kind] += op.total_bytes
+    for kind, nbytes in kind_bytes:
+        totals[kind] += nbytes
     totals["total"] = sum(totals[k] for k in KINDS)
     return totals
+
+
+def collective_bytes(compiled_or_hlo) -> dict[str, int]:
+    """Bytes per device per step by collective kind (module convention), plus "total"."""
+    return _totals((op.kind, op.total_bytes) for op in collective_ops(compiled_or_hlo))
 
 
 def memory(compiled) -> dict[str, int]:
@@ -410,8 +415,5 @@ def expected_terms(model: ModelConfig, mesh_sizes: Mapping[str, int], global_bat
 def expected_collective_bytes(model: ModelConfig, mesh_sizes: Mapping[str, int], global_batch: int,
                               seq_len: int, **options) -> dict[str, int]:
     """`expected_terms` (same options) summed by kind, plus "total" (the keys of `collective_bytes`)."""
-    totals = dict.fromkeys(KINDS, 0)
-    for term in expected_terms(model, mesh_sizes, global_batch, seq_len, **options):
-        totals[term.kind] += term.bytes
-    totals["total"] = sum(totals[k] for k in KINDS)
-    return totals
+    return _totals((term.kind, term.bytes)
+                   for term in expected_terms(model, mesh_sizes, global_batch, seq_len, **options))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from jaxpar.config import MESH_AXES, MeshConfig
@@ -21,11 +20,7 @@ def make_mesh(mesh_config: MeshConfig, devices: list | None = None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def mesh_shape(mesh: Mesh) -> dict[str, int]:
-    return dict(mesh.shape)
-
-
 def describe(mesh: Mesh) -> str:
     """'data=2 fsdp=2 tensor=2' (axes of size 1 left out)."""
     parts = [f"{name}={size}" for name, size in mesh.shape.items() if size > 1]
-    return " ".join(parts) or f"single device ({np.asarray(mesh.devices).size})"
+    return " ".join(parts) or f"single device ({mesh.size})"

@@ -52,7 +52,6 @@ them).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 
 import jax
@@ -66,11 +65,11 @@ from jaxpar.config import ModelConfig, PipelineConfig, require
 from jaxpar.models.llama import REMAT_POLICIES, RESIDUAL
 from jaxpar.parallel import rules
 from jaxpar.parallel.schedules import Schedule
+from jaxpar.train import step
 
 AXIS = "pipeline"
 IDLE, FWD, BWD, WGT = 0, 1, 2, 3
 _KIND_CODE = {"F": FWD, "B": BWD, "W": WGT}
-_BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
 
 
 # --- the table, lowered to the executor's index arrays -------------------------------------------------
@@ -218,36 +217,6 @@ def ring_pairs(num_stages: int, virtual_stages: int, forward: bool) -> list[tupl
 # --- the executor ---------------------------------------------------------------------------------------
 
 
-def _split_microbatches(batch, M: int):
-    """[B, ...] -> [M, B/M, ...], microbatch j taking rows j, j+M, ... (as jaxpar.train.step does)."""
-
-    def split(x):
-        x = x.reshape(x.shape[0] // M, M, *x.shape[1:])
-        return rules.constrain(jnp.swapaxes(x, 0, 1), (None, "batch") + (None,) * (x.ndim - 2))
-
-    return jax.tree.map(split, batch)
-
-
-def _without_axis(spec: P, axis: str) -> P:
-    """A logical spec with the (manual, inside shard_map) pipeline axis removed."""
-    def strip(axes):
-        if axes is None or axes == axis:
-            return None
-        if isinstance(axes, tuple):
-            kept = tuple(a for a in axes if a != axis)
-            return kept or None
-        return axes
-    return P(*(strip(a) for a in spec))
-
-
-def _constrain_local(x, names, axis: str):
-    """rules.constrain inside the pipeline's shard_map (the pipeline axis is manual there)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, _without_axis(rules.logical_to_spec(names), axis))
-
-
 class LayerVjp:
     """Per-layer `jax.vjp` whose residuals can live in a stash: the layer's weights are dropped from
     the residual leaves (found by identity) and put back from the live parameters at backward time.
@@ -366,8 +335,6 @@ def pipelined_loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch, *
     `jaxpar.train.step.loss_and_grads` (stats, the MoE router's, is {} for the dense blocks the pipeline
     runs). Call inside `jax.jit` under `jax.set_mesh(mesh)`."""
     if mesh.shape[axis_name] == 1:  # nothing to pipeline (and XLA rejects a manual axis of size 1)
-        from jaxpar.train import step  # here: step may come to import this module
-
         return step.loss_and_grads(params, graphdef, batch, 1, grad_shardings)
     schedule = pipeline_cfg.make_schedule(mesh.shape[axis_name])
     program = lower(schedule)
@@ -384,7 +351,6 @@ def pipelined_loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch, *
     k = L // (Pn * V)
     dtype = jnp.dtype(cfg.dtype)
 
-    constrain_local = functools.partial(_constrain_local, axis=axis_name)
     block_graphdef, blocks = nnx.split(model.blocks)
     norm_graphdef, norm_state = nnx.split(model.final_norm)
     blocks_VPk = jax.tree.map(lambda x: x.reshape(V, Pn, k, *x.shape[1:]), blocks)
@@ -393,7 +359,7 @@ def pipelined_loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch, *
 
     mask_BT = batch["segment_ids"] != 0
     count = jnp.sum(mask_BT.astype(jnp.float32))
-    micro = _split_microbatches({key: batch[key] for key in _BATCH_KEYS}, M)
+    micro = step.split_microbatches({key: batch[key] for key in step.BATCH_KEYS}, M)
 
     layer_vjp = LayerVjp(block_graphdef, cfg)
     arrays = {name: jnp.asarray(value) for name, value in program.arrays().items()}
@@ -411,7 +377,7 @@ def pipelined_loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch, *
         act_shape = (mb_rows, seq, D)
 
         def act_zeros():  # in the layout of the residual stream between layers
-            return constrain_local(jnp.zeros(act_shape, dtype), RESIDUAL)
+            return rules.constrain(jnp.zeros(act_shape, dtype), RESIDUAL)
 
         def chunk_params(v):
             return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, v, keepdims=False), blocks_Vk)
@@ -435,7 +401,7 @@ def pipelined_loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch, *
             nothing), split over the batch shards where the residual has the microbatch's rows."""
             buffer = jnp.zeros((program.num_stash + 1, k, *per_layer), dtype_)  # + a spare slot
             if per_layer and per_layer[0] == mb_rows:
-                buffer = constrain_local(buffer, (None, None, "batch") + (None,) * (len(per_layer) - 1))
+                buffer = rules.constrain(buffer, (None, None, "batch") + (None,) * (len(per_layer) - 1))
             return buffer
 
         stash = [stash_buffer(s.shape[1:], s.dtype) for s in res_shapes]
@@ -461,7 +427,7 @@ def pipelined_loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch, *
             mask = (micro["segment_ids"][m] != 0).astype(jnp.float32)
 
             def logits_fn(h, norm_state, weight):
-                x = constrain_local(_rms_norm(norm_graphdef, norm_state, h), ("batch", "length", "act_embed"))
+                x = rules.constrain(_rms_norm(norm_graphdef, norm_state, h), ("batch", "length", "act_embed"))
                 spec = "btd,vd->btv" if cfg.tie_embeddings else "btd,dv->btv"
                 return jnp.einsum(spec, x, weight.astype(dtype), preferred_element_type=jnp.float32)
 
@@ -480,7 +446,7 @@ def pipelined_loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch, *
         head_weight = table_local if cfg.tie_embeddings else unembed_local
 
         def inbox(slots):  # + a spare slot for deliveries nobody reads
-            return constrain_local(jnp.zeros((slots + 1, *act_shape), dtype), (None, *RESIDUAL))
+            return rules.constrain(jnp.zeros((slots + 1, *act_shape), dtype), (None, *RESIDUAL))
 
         f32 = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)  # noqa: E731
         carry = {

@@ -7,7 +7,7 @@ name maps to one mesh axis, a tuple of mesh axes, or None (replicated).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -57,6 +57,31 @@ def logical_to_spec(names: LogicalNames) -> P:
     return P(*axes)
 
 
+def mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes one logical name maps to, as a tuple (() when replicated)."""
+    axes = logical_to_spec((name,))[0]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def usable_axes(mesh) -> dict[str, int]:
+    """{axis: size} of the axes of `mesh` (concrete or abstract) a new shard_map can split over: larger
+    than 1 and not already manual (inside an enclosing shard_map)."""
+    return {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+            if size > 1 and kind != jax.sharding.AxisType.Manual}
+
+
+def divisible_axes(candidates: Sequence[str], usable: Mapping[str, int], dims: Sequence[int]):
+    """The candidate axes (in order) found in `usable` whose running product keeps every dim divisible;
+    None when there are none."""
+    chosen = []
+    for axis in candidates:
+        if axis in usable:
+            ways = math.prod(usable[a] for a in chosen) * usable[axis]
+            if all(d % ways == 0 for d in dims):
+                chosen.append(axis)
+    return tuple(chosen) or None
+
+
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op when no mesh is set."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -96,7 +121,7 @@ def tree_shardings(mesh: Mesh, abstract_tree, specs) -> object:
     return jax.tree.map_with_path(one, abstract_tree, specs)
 
 
-def replicated_fraction(mesh: Mesh, abstract_tree, shardings) -> float:
+def replicated_fraction(abstract_tree, shardings) -> float:
     """Share of bytes that every device holds in full."""
     total = replicated = 0
     for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
@@ -112,7 +137,7 @@ def check_sharded(mesh: Mesh, abstract_params, shardings, max_replicated: float 
     that is a rules table out of step with the model, not a choice anyone makes on purpose."""
     if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
         return
-    fraction = replicated_fraction(mesh, abstract_params, shardings)
+    fraction = replicated_fraction(abstract_params, shardings)
     if fraction > max_replicated:
         raise ValueError(
             f"{fraction:.0%} of parameter bytes would be replicated on mesh {dict(mesh.shape)}; "

@@ -32,7 +32,12 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
-KINDS = ("F", "B", "W")
+KINDS = ("F", "B", "W")  # forward, backward (input gradients with split_backward), weight gradients
+
+
+def action_kinds(split_backward: bool) -> tuple[str, ...]:
+    """The kinds of action a schedule runs: W only when the backward is split."""
+    return KINDS if split_backward else KINDS[:2]
 
 
 class ScheduleError(ValueError):
@@ -88,7 +93,7 @@ class Schedule:
         G = P * V
         if any(len(row) != P for row in self.table):
             raise ScheduleError(f"{self.name}: every tick must list {P} stages.")
-        kinds = ("F", "B", "W") if self.split_backward else ("F", "B")
+        kinds = action_kinds(self.split_backward)
         done: dict[tuple[str, int, int], int] = {}  # (kind, microbatch, global stage) -> tick
         for tick, stage, action in self.actions():
             where = f"{self.name}: tick {tick}, stage {stage}: {action}"
@@ -153,15 +158,6 @@ class Schedule:
         """Per stage: the most forward stashes alive at once (1F1B: P - stage; GPipe: M * V)."""
         return [max(row, default=0) for row in self.in_flight()]
 
-    def to_text(self) -> str:
-        """The table as text, one line per stage (columns are ticks; '.' is idle)."""
-        width = max((len(str(a)) for _, _, a in self.actions()), default=1)
-        lines = []
-        for stage in range(self.num_stages):
-            cells = [str(row[stage]) if row[stage] is not None else "." for row in self.table]
-            lines.append(f"stage {stage}: " + " ".join(c.rjust(width) for c in cells))
-        return "\n".join(lines)
-
 
 def _dependencies(kind: str, m: int, g: int, G: int) -> list[tuple[str, int, int]]:
     if kind == "F":
@@ -182,7 +178,7 @@ def _simulate(name: str, P: int, V: int, M: int, split_backward: bool,
     """Run stage programs in lockstep. With `programs` each stage runs its list in order; with
     `chooser(stage, tick, ready_actions, state)` each stage picks one of its ready actions (or None)."""
     G = P * V
-    kinds = ("F", "B", "W") if split_backward else ("F", "B")
+    kinds = action_kinds(split_backward)
     todo = [[Action(k, m, v) for k in kinds for v in range(V) for m in range(M)] for _ in range(P)]
     if programs is not None:
         todo = [list(p) for p in programs]
@@ -374,7 +370,7 @@ def plot(schedule: Schedule, path: str, title: str | None = None) -> None:
     ax.set_ylim(P, 0)
     ax.set_yticks([s + 0.5 for s in range(P)], [f"stage {s}" for s in range(P)])
     ax.set_xlabel("tick")
-    kinds = ("F", "B", "W") if schedule.split_backward else ("F", "B")
+    kinds = action_kinds(schedule.split_backward)
     labels = {"F": "forward", "B": "backward (input grad)" if schedule.split_backward else "backward",
               "W": "weight grad"}
     ax.legend(handles=[Patch(color=COLORS[k], label=labels[k]) for k in kinds], loc="upper left",

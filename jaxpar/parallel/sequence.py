@@ -34,58 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
-from jaxpar.config import default_ulysses_degree
+from jaxpar.config import (SEQUENCE_LAYOUTS as LAYOUTS, SEQUENCE_PARALLEL as VARIANTS,  # noqa: F401
+                           resolve_ulysses_degree, run_zigzag_factor, zigzag_factor)
 from jaxpar.kernels.attention import attention
-from jaxpar.parallel import ring as ring_lib, ulysses as ulysses_lib
+from jaxpar.parallel import ring as ring_lib, rules, ulysses as ulysses_lib
 
-VARIANTS = ("ring", "ulysses", "usp", "allgather")
-LAYOUTS = ("zigzag", "contiguous")
 SEQUENCE_AXIS = "sequence"
-HEADS_AXES = ("tensor",)
 
 zigzag_indices = ring_lib.zigzag_indices
 
 
 # --------------------------------------------------------------------------------------------------
 # Layouts.
-
-
-def resolve_ulysses_degree(ulysses_degree: int, sequence: int, heads: int, kv_heads: int) -> int:
-    """USP's Ulysses size: the configured one, or `default_ulysses_degree` for 0."""
-    return ulysses_degree or default_ulysses_degree(sequence, heads, kv_heads)
-
-
-def run_zigzag_factor(model_cfg, mesh_sizes: Mapping[str, int]) -> int:
-    """The zigzag n of a run, from its ModelConfig (sequence_parallel, mixer, ulysses_degree, heads) and
-    mesh axis sizes: what the data pipeline passes to `zigzag_batch`, and what every layer assumes."""
-    sequence, tensor = mesh_sizes.get(SEQUENCE_AXIS, 1), mesh_sizes.get("tensor", 1)
-    if sequence <= 1:
-        return 1
-    degree = 1
-    if model_cfg.sequence_parallel == "usp":
-        degree = resolve_ulysses_degree(model_cfg.ulysses_degree, sequence, model_cfg.n_heads // tensor,
-                                        model_cfg.n_kv_heads // tensor)
-    return zigzag_factor(model_cfg.sequence_parallel, sequence, degree, mixer=model_cfg.mixer)
-
-
-def zigzag_factor(variant: str, sequence: int, ulysses_degree: int = 1, mixer: str = "softmax",
-                  layout: str = "zigzag") -> int:
-    """The n of the zigzag layout a run uses (1: contiguous). ring and allgather balance over all
-    `sequence` devices, usp over its ring of sequence / ulysses_degree groups, ulysses needs none (every
-    device attends to the whole sequence for its heads), and neither does a model of linear attention
-    only (LASP-2's work is the same on every shard). The data pipeline and every layer must agree."""
-    if variant not in VARIANTS:
-        raise ValueError(f"sequence_parallel={variant!r} is not supported; choose one of {list(VARIANTS)}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not supported; choose one of {list(LAYOUTS)}")
-    if sequence <= 1 or layout == "contiguous" or variant == "ulysses" or mixer == "linear":
-        return 1
-    if variant == "usp":
-        if ulysses_degree < 1 or sequence % ulysses_degree:
-            raise ValueError(f"usp ulysses_degree={ulysses_degree} must be a divisor of the sequence axis "
-                             f"size {sequence}.")
-        return sequence // ulysses_degree
-    return sequence
 
 
 def to_zigzag(x, n: int, axis: int = 1):
@@ -138,19 +98,14 @@ def check_split(variant: str, sequence: int, seq_len: int, heads: int, kv_heads:
 # shard_map over the current mesh.
 
 
+def current_mesh_sizes() -> dict[str, int]:
+    """Axis sizes of the current (abstract) mesh; {} with none."""
+    return dict(jax.sharding.get_abstract_mesh().shape)
+
+
 def sequence_size(axis: str = SEQUENCE_AXIS) -> int:
     """Size of the sequence axis of the current mesh (1 with no mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or axis not in mesh.axis_names:
-        return 1
-    return dict(zip(mesh.axis_names, mesh.axis_sizes))[axis]
-
-
-def _batch_axes() -> tuple[str, ...]:
-    from jaxpar.parallel.rules import logical_to_spec
-
-    axes = logical_to_spec(("batch",))[0]
-    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return current_mesh_sizes().get(axis, 1)
 
 
 def shard_over_sequence(local_fn, arrays: Mapping[str, jax.Array | None], logical: Mapping[str, tuple],
@@ -166,23 +121,13 @@ def shard_over_sequence(local_fn, arrays: Mapping[str, jax.Array | None], logica
     """
     mesh = jax.sharding.get_abstract_mesh()
     kinds = dict(zip(mesh.axis_names, mesh.axis_types))
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     if kinds.get(axis) == AxisType.Manual:
         raise ValueError(f"mesh axis {axis!r} is already manual (inside another shard_map); sequence "
                          "parallelism wraps its own shard_map over it.")
     free = {a for a in mesh.axis_names if kinds[a] != AxisType.Manual}
-
-    def pick(candidates, dims):
-        chosen = []
-        for a in candidates:
-            if a in free and sizes[a] > 1:
-                ways = math.prod(sizes[c] for c in chosen) * sizes[a]
-                if all(d % ways == 0 for d in dims):
-                    chosen.append(a)
-        return tuple(chosen) or None
-
-    mapping = {"batch": pick(_batch_axes(), (batch,)), "length": axis, "heads": pick(HEADS_AXES, heads),
-               None: None}
+    usable = rules.usable_axes(mesh)
+    mapping = {"batch": rules.divisible_axes(rules.mesh_axes("batch"), usable, (batch,)), "length": axis,
+               "heads": rules.divisible_axes(rules.mesh_axes("heads"), usable, heads), None: None}
 
     def spec(names):
         return P(*(mapping[n] for n in names))
@@ -259,24 +204,10 @@ def sequence_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids=None, positions=No
         dict(q=qkv, k=qkv, v=qkv, segment_ids=rows, positions=rows), qkv, batch=B, heads=(N, K), axis=axis)
 
 
-def current_mesh_sizes() -> dict[str, int]:
-    """Axis sizes of the current (abstract) mesh; {} with none."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-
 def _heads_ways(*heads: int) -> int:
     """How many ways shard_over_sequence splits heads (the tensor axes that divide every count)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
-    ways = 1
-    for a in HEADS_AXES:
-        if a in sizes and kinds[a] != AxisType.Manual and all(h % (ways * sizes[a]) == 0 for h in heads):
-            ways *= sizes[a]
-    return ways
+    usable = rules.usable_axes(jax.sharding.get_abstract_mesh())
+    return math.prod(usable[a] for a in rules.divisible_axes(rules.mesh_axes("heads"), usable, heads) or ())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,12 +9,10 @@ that need the device count or the environment (batch shards, minibatch sizes, ac
 from __future__ import annotations
 
 import dataclasses
-import typing
-from typing import Any
 
 import ml_collections
 
-from jaxpar.config import ConfigError, MeshConfig, build_section, one_of, require
+from jaxpar.config import ConfigError, MeshConfig, build_run, one_of, require, to_dict  # noqa: F401
 
 ALGORITHMS = ("ippo", "mappo")
 NETWORKS = ("ff", "rnn")
@@ -143,25 +141,13 @@ class MARLRunConfig:
         return self.train.total_env_steps // self.steps_per_update
 
 
-SECTIONS = {field.name: field.type for field in dataclasses.fields(MARLRunConfig)}
-
-
 def from_config_dict(config: ml_collections.ConfigDict | dict) -> MARLRunConfig:
     """The one boundary from a (user-edited) ConfigDict to typed, validated MARL configs."""
-    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-    unknown = sorted(set(raw) - set(SECTIONS))
-    require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(SECTIONS)}.")
-    hints = typing.get_type_hints(MARLRunConfig)
-    sections = {name: build_section(hints[name], name, dict(raw.get(name, {}))) for name in SECTIONS}
-    run = MARLRunConfig(**sections)
+    run = build_run(MARLRunConfig, config)
     require(run.num_updates >= 1,
             f"train.total_env_steps={run.train.total_env_steps} is less than one update of env.num_envs x "
             f"algo.num_steps = {run.steps_per_update} env steps; raise it or shrink the update.")
     return run
-
-
-def to_dict(run: MARLRunConfig) -> dict[str, dict[str, Any]]:
-    return dataclasses.asdict(run)
 
 
 def validate_run(run: MARLRunConfig, num_devices: int, env) -> dict[str, int]:

@@ -24,10 +24,10 @@ import jaxpar.envs as envs
 from jaxpar.config import MeshConfig
 from jaxpar.parallel.mesh import describe, make_mesh
 from jaxpar.rl import plots
-from jaxpar.rl.config import MARLRunConfig, to_dict, validate_run
+from jaxpar.rl.config import MARLRunConfig, validate_run
 from jaxpar.rl.ppo import PPO
 from jaxpar.train.checkpoint import Checkpointer
-from jaxpar.train.metrics import MetricsWriter
+from jaxpar.train.metrics import MetricsWriter, save_config
 
 SCALARS = ("episode_return", "episode_length", "policy_loss", "value_loss", "entropy", "approx_kl",
            "clip_fraction", "lr")
@@ -75,9 +75,7 @@ def train(run: MARLRunConfig, workdir: str, devices=None) -> dict:
             states = ppo.init_states()
         else:
             states, clock = checkpointer.restore(start, ppo.abstract_state)
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                json.dump({**to_dict(run), "resolved_mesh": dict(ppo.mesh.shape)}, f, indent=2)
+        save_config(run, workdir, ppo.mesh.shape)
         return _run_updates(run, ppo, workdir, states, start, clock, checkpointer)
     finally:
         checkpointer.close()

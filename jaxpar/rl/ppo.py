@@ -207,15 +207,18 @@ class PPO:
         return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(self.run.train.num_seeds))
 
     @functools.cached_property
+    def _state_shapes(self) -> RunnerState:
+        return jax.eval_shape(jax.vmap(self.init), self.seed_keys())
+
+    @functools.cached_property
     def abstract_state(self) -> RunnerState:
         """The vmapped runner state as ShapeDtypeStructs carrying their shardings (restore target)."""
-        shapes = jax.eval_shape(jax.vmap(self.init), self.seed_keys())
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                            self.state_shardings)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            self._state_shapes, self.state_shardings)
 
     @functools.cached_property
     def state_shardings(self) -> RunnerState:
-        shapes = jax.eval_shape(jax.vmap(self.init), self.seed_keys())
+        shapes = self._state_shapes
         seeded_specs = jax.tree.map(lambda spec: P(None, *spec), self.param_specs,
                                     is_leaf=lambda x: isinstance(x, P))
         param_shardings = rules.tree_shardings(self.mesh, shapes.train.params, seeded_specs)

@@ -16,6 +16,7 @@ from flax import struct
 
 from jaxpar.envs.wrappers import episode_done
 from jaxpar.parallel.rules import constrain
+from jaxpar.rl.losses import categorical_log_prob
 
 
 @struct.dataclass
@@ -64,7 +65,7 @@ def collect(vec_env, policy_step: PolicyStep, params, state: RolloutState, key: 
         k_act, k_env = jax.random.split(step_key)
         carry, logits, values = policy_step(params, state.carry, state.obs, state.reset)
         actions = constrain(sample(k_act, logits), ("batch", None))
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), actions[..., None], axis=-1)[..., 0]
+        logp, _ = categorical_log_prob(logits, actions)
         obs, env_state, reward, terminated, truncated, info = vec_env.step(k_env, state.env_state, actions)
         done = episode_done(terminated, truncated)
         transition = Transition(

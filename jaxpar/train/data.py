@@ -175,7 +175,8 @@ def _local_rows(batch: dict[str, np.ndarray], *, batch_size: int, lo: int, hi: i
     out = {}
     for name, packed_name in names.items():
         rows = batch[packed_name]
-        rows = np.pad(rows, ((0, batch_size - len(rows)), (0, 0)))
+        if len(rows) < batch_size:
+            rows = np.pad(rows, ((0, batch_size - len(rows)), (0, 0)))
         out[name] = rows[lo:hi]
     return out
 

@@ -6,7 +6,6 @@ host; the fetch also checks every step's loss and gradient norm for non-finite v
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -17,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxpar.config import RunConfig, to_dict, validate_run
+from jaxpar.config import RunConfig, validate_run
 from jaxpar.parallel import pipeline
 from jaxpar.parallel import sequence as sequence_lib
 from jaxpar.parallel.mesh import describe, make_mesh
@@ -81,26 +80,25 @@ def _check_finite(step: int, values: dict) -> None:
         )
 
 
-def save_config(run: RunConfig, workdir: str, mesh_sizes: dict[str, int]) -> None:
-    if jax.process_index() != 0:
-        return
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump({**to_dict(run), "resolved_mesh": mesh_sizes}, f, indent=2)
-
-
-def evaluate(eval_step, params, run: RunConfig, mesh) -> float:
-    """Mean token loss over the first `eval_batches` batches of the held-out split (the same batches every
-    time, so eval losses along a run are comparable)."""
+def make_evaluator(eval_step, run: RunConfig, mesh, zigzag: int):
+    """evaluate(params) -> mean token loss over the first `eval_batches` batches of the held-out split
+    (the same batches every time, so eval losses along a run are comparable). The pipeline is built
+    once and rewound for each evaluation."""
     batches = data.make_batches(
         run.data, split="eval", seq_len=run.train.seq_len, batch_size=run.train.global_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(), repeat=True,
+        process_index=jax.process_index(), process_count=jax.process_count(),
     )
-    loss_sum = count = 0.0
-    for _ in range(run.train.eval_batches):
-        s, c = eval_step(params, place_batch(next(batches), mesh, run.train.global_batch,
-                                             sequence_lib.run_zigzag_factor(run.model, dict(mesh.shape))))
-        loss_sum, count = loss_sum + float(s), count + float(c)
-    return loss_sum / max(count, 1.0)
+    first = batches.get_state()
+
+    def evaluate(params) -> float:
+        batches.set_state(first)
+        loss_sum = count = 0.0
+        for _ in range(run.train.eval_batches):
+            s, c = eval_step(params, place_batch(next(batches), mesh, run.train.global_batch, zigzag))
+            loss_sum, count = loss_sum + float(s), count + float(c)
+        return loss_sum / max(count, 1.0)
+
+    return evaluate
 
 
 def _pipelined(run: RunConfig, mesh):
@@ -116,27 +114,26 @@ def _router_bias_rate(cfg) -> float:
 def train(run: RunConfig, workdir: str) -> dict:
     """Trains (or resumes) to `run.train.steps`; returns the last logged metrics."""
     mesh_sizes = validate_run(run, jax.device_count())
-    data.check_data(run.data)
     cfg, tcfg = run.model, run.train
+    batches = data.make_batches(  # fails here, before anything is traced, if the data is missing
+        run.data, split="train", seq_len=tcfg.seq_len, batch_size=tcfg.global_batch,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(run.mesh)
 
     tx = state_lib.make_optimizer(run.optimizer, tcfg.steps)
     schedule = state_lib.learning_rate_schedule(run.optimizer, tcfg.steps)
     graphdef, abstract, shardings = state_lib.abstract_state(cfg, tx, mesh)
-    batches = data.make_batches(
-        run.data, split="train", seq_len=tcfg.seq_len, batch_size=tcfg.global_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is None:
         start = 0
-        _, state, _ = state_lib.init_state(cfg, tx, mesh, tcfg.seed)
+        state = state_lib.init_sharded(cfg, tx, mesh, shardings, tcfg.seed)
     else:
         state, data_state = checkpointer.restore(start, abstract)
         batches.set_state(data_state)
-    save_config(run, workdir, mesh_sizes)
+    metrics_lib.save_config(run, workdir, mesh_sizes)
 
     with jax.set_mesh(mesh):
         train_step = step_lib.jit_train_step(
@@ -154,6 +151,7 @@ def train(run: RunConfig, workdir: str) -> dict:
 def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer) -> dict:
     tcfg = run.train
     zigzag = sequence_lib.run_zigzag_factor(run.model, dict(mesh.shape))
+    evaluate = make_evaluator(eval_step, run, mesh, zigzag) if tcfg.eval_every else None
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
     tokens_per_step = tcfg.global_batch * tcfg.seq_len
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
@@ -204,7 +202,7 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
                 pending = None
                 checkpointer.save(step, state, batches.get_state())
             if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-                eval_loss = evaluate(eval_step, state.params, run, mesh)
+                eval_loss = evaluate(state.params)
                 writer.write(step, {"eval_loss": eval_loss})
                 log(f"step {step}: eval loss {eval_loss:.4f}")
                 last["eval_loss"] = eval_loss

@@ -10,7 +10,7 @@ import os
 import jax
 from tensorboardX import SummaryWriter
 
-from jaxpar.config import ModelConfig
+from jaxpar.config import ModelConfig, to_dict
 
 # Dense bf16 peak FLOP/s per chip by `device_kind` substring (vendor data sheets). CPU: none, MFU is null.
 PEAK_FLOPS = (
@@ -45,6 +45,14 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     keys_per_token = (L - cfg.linear_layers) * 0.5 * seq_len + cfg.linear_layers * linear_keys
     attention = 12 * cfg.n_heads * cfg.head_dim * keys_per_token
     return 6 * matmul_params + attention
+
+
+def save_config(run, workdir: str, mesh_sizes: dict[str, int]) -> None:
+    """workdir/config.json (process 0): the run config as plain dicts, plus the resolved mesh."""
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({**to_dict(run), "resolved_mesh": dict(mesh_sizes)}, f, indent=2)
 
 
 class MetricsWriter:

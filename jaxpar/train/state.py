@@ -105,6 +105,10 @@ def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: M
     """(graphdef, state, shardings). The jitted init writes every array straight into its shards, so no
     device ever holds the whole model."""
     graphdef, _, shardings = abstract_state(model_cfg, tx, mesh)
+    return graphdef, init_sharded(model_cfg, tx, mesh, shardings, seed), shardings
+
+
+def init_sharded(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, shardings, seed: int):
+    """The initial TrainState, created by one jitted init directly into `shardings`."""
     with jax.set_mesh(mesh):
-        state = jax.jit(_init_fn(model_cfg, tx), out_shardings=shardings)(jax.random.key(seed))
-    return graphdef, state, shardings
+        return jax.jit(_init_fn(model_cfg, tx), out_shardings=shardings)(jax.random.key(seed))

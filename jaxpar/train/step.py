@@ -40,13 +40,13 @@ def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch):
     return objective, (ce_sum, count, stats)
 
 
-def _split_microbatches(batch: Batch, n: int) -> Batch:
-    """[B, T] -> [n, B/n, T], microbatch j taking rows j, j+n, ...: every microbatch is spread over all
-    batch shards instead of living on a few devices."""
+def split_microbatches(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...], microbatch j taking rows j, j+n, ...: every microbatch is spread over
+    all batch shards instead of living on a few devices. (Gradient accumulation and the pipeline.)"""
 
-    def split(x_BT):
-        x_bnT = x_BT.reshape(x_BT.shape[0] // n, n, *x_BT.shape[1:])
-        return constrain(jnp.swapaxes(x_bnT, 0, 1), (None, "batch", None))
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+        return constrain(jnp.swapaxes(x, 0, 1), (None, "batch") + (None,) * (x.ndim - 2))
 
     return jax.tree.map(split, batch)
 
@@ -71,10 +71,10 @@ def loss_and_grads(params, graphdef, batch: Batch, grad_accum_steps: int = 1, gr
         def accumulate(carry, microbatch):
             return jax.tree.map(jnp.add, carry, grad_fn(params, microbatch)), None
 
+        microbatches = split_microbatches(batch, grad_accum_steps)
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(
-            lambda x: x[0], _split_microbatches(batch, grad_accum_steps))))
-        ((ce_sum, count, stats), grads), _ = jax.lax.scan(
-            accumulate, zeros, _split_microbatches(batch, grad_accum_steps))
+            lambda x: x[0], microbatches)))
+        ((ce_sum, count, stats), grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
         stats = {k: v if k == "tokens_per_expert" else v / grad_accum_steps for k, v in stats.items()}
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)

@@ -25,6 +25,7 @@ from jaxpar.envs.mpe.world import (
     relative,
     rows,
 )
+from jaxpar.envs.mpe.simple_tag import pursuit_agents
 from jaxpar.envs.registry import register
 
 
@@ -47,15 +48,9 @@ class SimpleWorldComm(MPEEnv):
                 f"num_obstacles={num_obstacles}, num_forests={num_forests} must be >= 0."
             )
         self.num_good, self.num_adversaries = num_good, num_adversaries
+        # The leader (it speaks), then the silent adversaries and good agents of simple_tag's world.
         agents = [AgentSpec("leadadversary_0", size=0.075, accel=3.0, max_speed=1.0)]
-        agents += [
-            AgentSpec(f"adversary_{i}", size=0.075, accel=3.0, max_speed=1.0, silent=True)
-            for i in range(num_adversaries - 1)
-        ]
-        agents += [
-            AgentSpec(f"agent_{i}", size=0.045, accel=4.0, max_speed=1.3, silent=True)
-            for i in range(num_good)
-        ]
+        agents += pursuit_agents(num_good, num_adversaries - 1, good_size=0.045)
         landmarks = [LandmarkSpec(f"landmark {i}", size=0.2, init_range=0.9) for i in range(num_obstacles)]
         landmarks += [
             LandmarkSpec(f"food {i}", size=0.03, collide=False, init_range=0.9) for i in range(num_food)

@@ -52,8 +52,6 @@ class World:
     def __init__(self, agents: Sequence[AgentSpec], landmarks: Sequence[LandmarkSpec], dim_c: int):
         if not agents:
             raise ValueError("an MPE world needs at least one agent")
-        self.agent_specs = tuple(agents)
-        self.landmark_specs = tuple(landmarks)
         self.dim_c = dim_c
         self.num_agents = len(agents)
         self.num_landmarks = len(landmarks)
