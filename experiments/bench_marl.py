@@ -33,12 +33,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per device count; the
 
 # JaxMARL 0.2.0 IPPO-FF on MPE simple_spread, its default config, measured on this kind of 2-core CPU
 # (shared/FIELD_NOTES.md). Its logged return is reward x num_agents summed over 26-step episodes.
+_JAXMARL_LOGGED = {"1000000": -70.3, "2000000": -64.7, "5000000": -61.4, "10000000": -60.0}
 JAXMARL_REFERENCE = {
     "source": "JaxMARL 0.2.0 ippo_ff_mpe (default config), 3 seeds, 2-core CPU; shared/FIELD_NOTES.md",
-    "logged_return": {"1000000": -70.3, "2000000": -64.7, "5000000": -61.4, "10000000": -60.0},
+    "logged_return": _JAXMARL_LOGGED,
     "seconds_3_seeds_10M": 737,
-    "per_agent_25_step": {k: round(v / 3 * 25 / 26, 2) for k, v in
-                          {"1000000": -70.3, "2000000": -64.7, "5000000": -61.4, "10000000": -60.0}.items()},
+    "per_agent_25_step": {k: round(v / 3 * 25 / 26, 2) for k, v in _JAXMARL_LOGGED.items()},
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxpar.parallel.rules import mesh_axes
 from jaxpar.parallel.schedules import SCHEDULES, Schedule, ScheduleError, cached_schedule
 
 # Names accepted by jaxpar.kernels.attention.attention; "auto" picks the best for the inputs and backend.
@@ -480,16 +481,23 @@ def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict
     )
 
 
+def batch_split(sizes: Mapping[str, int]) -> tuple[int, str]:
+    """How many ways a batch is split on a mesh of these axis sizes (the rules' "batch" axes), and those
+    axes as config keys ("mesh.data*mesh.fsdp*mesh.expert") for error messages."""
+    axes = mesh_axes("batch")
+    return math.prod(sizes[a] for a in axes), "*".join(f"mesh.{a}" for a in axes)
+
+
 def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
     """Checks that need the device count or span sections. Returns the resolved mesh axis sizes."""
     sizes = run.mesh.resolve(num_devices)
     model, train = run.model, run.train
-    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    batch_shards, batch_keys = batch_split(sizes)
     micro_batch = train.global_batch // train.grad_accum_steps
     require(
         micro_batch % batch_shards == 0,
         f"train.global_batch={train.global_batch} (per accumulation step {micro_batch}) is not divisible by "
-        f"mesh.data*mesh.fsdp*mesh.expert={batch_shards}; pick a global batch that is a multiple of "
+        f"{batch_keys}={batch_shards}; pick a global batch that is a multiple of "
         f"{batch_shards * train.grad_accum_steps}.",
     )
     if sizes["expert"] > 1:

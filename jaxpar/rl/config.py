@@ -12,7 +12,8 @@ import dataclasses
 
 import ml_collections
 
-from jaxpar.config import ConfigError, MeshConfig, build_run, one_of, require, to_dict  # noqa: F401
+from jaxpar.config import (ConfigError, MeshConfig, batch_split, build_run, one_of, require,  # noqa: F401
+                           to_dict)
 
 ALGORITHMS = ("ippo", "mappo")
 NETWORKS = ("ff", "rnn")
@@ -155,10 +156,10 @@ def validate_run(run: MARLRunConfig, num_devices: int, env) -> dict[str, int]:
     from jaxpar.envs import spaces
 
     sizes = run.mesh.resolve(num_devices)
-    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    shards, batch_keys = batch_split(sizes)
     algo, num_envs = run.algo, run.env.num_envs
     require(num_envs % shards == 0,
-            f"env.num_envs={num_envs} is not divisible by mesh.data*mesh.fsdp*mesh.expert={shards}; the env "
+            f"env.num_envs={num_envs} is not divisible by {batch_keys}={shards}; the env "
             f"batch is split evenly over those axes. Use a multiple of {shards}.")
     require(isinstance(env.action_space, spaces.Discrete),
             f"env {run.env.id!r} with kwargs {run.env.kwargs} has continuous actions; the PPO heads here are "

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import jaxpar.envs as envs
 from jaxpar.config import MeshConfig
+from jaxpar.envs.wrappers import episode_done
 from jaxpar.parallel.mesh import describe, make_mesh
 from jaxpar.rl import plots
 from jaxpar.rl.config import MARLRunConfig, validate_run
@@ -169,7 +170,7 @@ def rollout_episode(ppo: PPO, params, key, greedy: bool):
         carry, logits, _ = ppo.policy_step(params, carry, obs[None], reset[None])
         actions = jnp.argmax(logits[0], -1) if greedy else jax.random.categorical(k_act, logits[0])
         obs, next_state, reward, terminated, truncated, _ = env.step(k_env, env_state, actions.astype(jnp.int32))
-        done = jnp.all(terminated | truncated)
+        done = episode_done(terminated, truncated)
         out = (env_state, jnp.where(alive, reward, 0.0), alive)
         return (obs, next_state, carry, jnp.asarray(False), alive & ~done), out
 

@@ -135,7 +135,6 @@ class ActorCritic(nnx.Module):
     state for MAPPO); logits over `num_actions` and a scalar value per agent."""
 
     def __init__(self, actor_dim: int, critic_dim: int, num_actions: int, cfg: NetworkConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
         self.actor = Tower(actor_dim, num_actions, 0.01, cfg, rngs)
         self.critic = Tower(critic_dim, 1, 1.0, cfg, rngs)
 

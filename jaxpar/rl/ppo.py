@@ -75,7 +75,7 @@ class PPO:
         grad_steps_per_update = algo.update_epochs * algo.num_minibatches
         if algo.anneal_lr:
             def lr(count):
-                return algo.lr * (1.0 - (count // grad_steps_per_update) / self.num_updates)
+                return self._current_lr(count // grad_steps_per_update)
         else:
             lr = algo.lr
         return optax.chain(optax.clip_by_global_norm(algo.max_grad_norm), optax.adam(lr, eps=1e-5))

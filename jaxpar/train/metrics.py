@@ -98,8 +98,21 @@ def _jsonable(value):
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (the run was killed mid-write) is dropped, so a
+    resumed run can still read its file; an unreadable line anywhere else is an error."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().splitlines(keepends=True)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break
+            raise
+    return records
 
 
 def plot_losses(workdir: str, out_name: str = "loss.png") -> str:
