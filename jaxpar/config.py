@@ -410,7 +410,8 @@ def resolve_ulysses_degree(ulysses_degree: int, sequence: int, heads: int, kv_he
 
 def run_zigzag_factor(model_cfg: ModelConfig, mesh_sizes: Mapping[str, int]) -> int:
     """The zigzag n of a run, from its ModelConfig (sequence_parallel, mixer, ulysses_degree, heads) and
-    mesh axis sizes: what the data pipeline passes to `jaxpar.parallel.sequence.zigzag_batch`, and what every layer assumes."""
+    mesh axis sizes: what the data pipeline passes to `jaxpar.parallel.sequence.zigzag_batch`, and what
+    every layer assumes."""
     sequence, tensor = mesh_sizes.get("sequence", 1), mesh_sizes.get("tensor", 1)
     if sequence <= 1:
         return 1
@@ -428,7 +429,8 @@ def zigzag_factor(variant: str, sequence: int, ulysses_degree: int = 1, mixer: s
     device attends to the whole sequence for its heads), and neither does a model of linear attention
     only (LASP-2's work is the same on every shard). The data pipeline and every layer must agree."""
     if variant not in SEQUENCE_PARALLEL:
-        raise ValueError(f"sequence_parallel={variant!r} is not supported; choose one of {list(SEQUENCE_PARALLEL)}")
+        raise ValueError(f"sequence_parallel={variant!r} is not supported; choose one of "
+                         f"{list(SEQUENCE_PARALLEL)}")
     if layout not in SEQUENCE_LAYOUTS:
         raise ValueError(f"layout={layout!r} is not supported; choose one of {list(SEQUENCE_LAYOUTS)}")
     if sequence <= 1 or layout == "contiguous" or variant == "ulysses" or mixer == "linear":
@@ -454,9 +456,8 @@ def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict
     )
     variant = model.sequence_parallel
     heads, kv_heads = model.n_heads // tensor, model.n_kv_heads // tensor
-    if model.mixer == "linear":
-        pass  # LASP-2 has no head constraint
-    elif variant == "ulysses":
+    splits_heads = model.mixer != "linear"  # LASP-2 has no head constraint
+    if splits_heads and variant == "ulysses":
         require(
             heads % sequence == 0 and kv_heads % sequence == 0,
             f"model.sequence_parallel='ulysses' splits heads over mesh.sequence={sequence}, but each tensor "
@@ -464,7 +465,7 @@ def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict
             f"model.n_kv_heads={model.n_kv_heads}, mesh.tensor={tensor}); both must divide by {sequence}. "
             "Use sequence_parallel='usp' with a smaller model.ulysses_degree, or 'ring'.",
         )
-    elif variant == "usp":
+    elif splits_heads and variant == "usp":
         degree = resolve_ulysses_degree(model.ulysses_degree, sequence, heads, kv_heads)
         require(
             sequence % degree == 0 and heads % degree == 0 and kv_heads % degree == 0,
