@@ -11,64 +11,75 @@ mixtral_8x7b  Mixtral-8x7B shapes (for accelerators)
 
 import ml_collections
 
+from jaxpar.config import RunConfig, config_dict
+
 
 def base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict(dict(
-        vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
-        max_seq_len=2048, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, attention_impl="xla",
-        remat="none", param_dtype="float32", dtype="float32", init_std=0.02,
-        sequence_parallel="ring", ulysses_degree=0, mixer="softmax", softmax_every=4, linear_gate="scalar",
-        linear_chunk=64,
-    ))
-    c.model.moe = ml_collections.ConfigDict(dict(
-        experts=0, top_k=2, d_ff=256, shared_experts=0, router="softmax", capacity_factor=0.0,
-        balance="aux_loss", aux_loss_coef=0.01, z_loss_coef=1e-3, bias_update_rate=1e-3))
-    c.mesh = ml_collections.ConfigDict(dict(pipeline=1, data=2, fsdp=2, expert=1, sequence=1, tensor=2))
-    c.data = ml_collections.ConfigDict(dict(
-        source="stdlib", path="", token_dtype="uint16", eval_fraction=0.02, shuffle=True, seed=0))
-    c.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=3e-3, min_lr_ratio=0.1, warmup_steps=10, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.1, grad_clip_norm=1.0))
-    c.pipeline = ml_collections.ConfigDict(dict(
-        schedule="1f1b", microbatches=4, virtual_stages=1, split_backward=False))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=100, global_batch=16, seq_len=128, grad_accum_steps=1, seed=0, log_every=10, eval_every=50,
-        eval_batches=4, checkpoint_every=50, keep_checkpoints=3))
+    """The defaults of jaxpar.config's dataclasses on a data=2 x fsdp=2 x tensor=2 mesh."""
+    c = config_dict(RunConfig())
+    c.mesh.update(data=2, fsdp=2, tensor=2)
     return c
 
 
 def smoke(c):
-    c.model.update(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384)
-    c.train.update(steps=150, global_batch=16, seq_len=128, log_every=10, eval_every=50, checkpoint_every=50)
-    c.optimizer.update(learning_rate=3e-3, warmup_steps=15)
+    c.train.steps = 150
+    c.optimizer.warmup_steps = 15
 
 
 def small(c):
-    c.model.update(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1536, tie_embeddings=True)
-    c.train.update(steps=400, global_batch=16, seq_len=256, log_every=10, eval_every=100, checkpoint_every=100)
+    c.model.update(
+        d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1536, tie_embeddings=True
+    )
+    c.train.update(
+        steps=400, global_batch=16, seq_len=256, log_every=10, eval_every=100, checkpoint_every=100
+    )
     c.optimizer.update(learning_rate=1e-3, warmup_steps=40)
 
 
 def llama_1b(c):
-    c.model.update(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-                   d_ff=8192, max_seq_len=8192, rope_theta=500000.0, tie_embeddings=True, remat="save_dots",
-                   param_dtype="float32", dtype="bfloat16")
+    c.model.update(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+        remat="save_dots",
+        param_dtype="float32",
+        dtype="bfloat16",
+    )
     c.mesh.update(data=-1, fsdp=8, tensor=1)
     c.data.update(source="tokens", path="/data/tokens/*.bin", token_dtype="uint32")
-    c.train.update(steps=100000, global_batch=512, seq_len=4096, log_every=50, eval_every=2000,
-                   checkpoint_every=1000)
+    c.train.update(
+        steps=100000, global_batch=512, seq_len=4096, log_every=50, eval_every=2000, checkpoint_every=1000
+    )
     c.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
 
 
 def llama_7b(c):
-    c.model.update(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
-                   d_ff=11008, max_seq_len=4096, tie_embeddings=False, remat="full",
-                   param_dtype="float32", dtype="bfloat16")
+    c.model.update(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        d_ff=11008,
+        max_seq_len=4096,
+        tie_embeddings=False,
+        remat="full",
+        param_dtype="float32",
+        dtype="bfloat16",
+    )
     c.mesh.update(data=-1, fsdp=8, tensor=8)
     c.data.update(source="tokens", path="/data/tokens/*.bin", token_dtype="uint16")
-    c.train.update(steps=100000, global_batch=1024, seq_len=4096, log_every=50, eval_every=2000,
-                   checkpoint_every=1000)
+    c.train.update(
+        steps=100000, global_batch=1024, seq_len=4096, log_every=50, eval_every=2000, checkpoint_every=1000
+    )
     c.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
 
 
@@ -90,19 +101,39 @@ def long_smoke(c):
 
 
 def mixtral_8x7b(c):
-    c.model.update(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-                   d_ff=14336, max_seq_len=32768, rope_theta=1e6, tie_embeddings=False, remat="full",
-                   param_dtype="float32", dtype="bfloat16")
+    c.model.update(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14336,
+        max_seq_len=32768,
+        rope_theta=1e6,
+        tie_embeddings=False,
+        remat="full",
+        param_dtype="float32",
+        dtype="bfloat16",
+    )
     c.model.moe.update(experts=8, top_k=2, d_ff=14336, router="softmax", capacity_factor=0.0)
     c.mesh.update(data=-1, fsdp=8, expert=8, tensor=1)
     c.data.update(source="tokens", path="/data/tokens/*.bin", token_dtype="uint16")
-    c.train.update(steps=100000, global_batch=1024, seq_len=4096, log_every=50, eval_every=2000,
-                   checkpoint_every=1000)
+    c.train.update(
+        steps=100000, global_batch=1024, seq_len=4096, log_every=50, eval_every=2000, checkpoint_every=1000
+    )
     c.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
 
 
-PRESETS = {"smoke": smoke, "small": small, "llama_1b": llama_1b, "llama_7b": llama_7b,
-           "moe_smoke": moe_smoke, "long_smoke": long_smoke, "mixtral_8x7b": mixtral_8x7b}
+PRESETS = {
+    "smoke": smoke,
+    "small": small,
+    "llama_1b": llama_1b,
+    "llama_7b": llama_7b,
+    "moe_smoke": moe_smoke,
+    "long_smoke": long_smoke,
+    "mixtral_8x7b": mixtral_8x7b,
+}
 
 
 def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:

@@ -13,20 +13,14 @@ Budgets are per seed (train.total_env_steps); override any key, e.g. --config.tr
 
 import ml_collections
 
+from jaxpar.config import config_dict
+from jaxpar.rl.config import MARLRunConfig
+
 
 def base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.env = ml_collections.ConfigDict(dict(id="simple_spread_v3", kwargs={}, num_envs=16))
-    c.algo = ml_collections.ConfigDict(dict(
-        name="ippo", num_steps=128, update_epochs=4, num_minibatches=4, gamma=0.99, gae_lambda=0.95,
-        clip_eps=0.2, ent_coef=0.01, vf_coef=0.5, max_grad_norm=0.5, lr=2.5e-4, anneal_lr=True,
-        normalize_advantages=True, clip_value=True, bootstrap_truncated=True))
-    c.network = ml_collections.ConfigDict(dict(kind="ff", hidden=64, layers=2, activation="tanh", agent_id=False))
-    c.mesh = ml_collections.ConfigDict(dict(pipeline=1, data=-1, fsdp=1, expert=1, sequence=1, tensor=1))
-    c.train = ml_collections.ConfigDict(dict(
-        total_env_steps=1_000_000, num_seeds=1, seed=0, updates_per_call=10, log_every=1, checkpoint_every=0,
-        keep_checkpoints=2))
-    c.eval = ml_collections.ConfigDict(dict(episodes=4, greedy=True, seed_index=0, fps=10))
+    """The defaults of jaxpar.rl.config's dataclasses, with 4 evaluation episodes."""
+    c = config_dict(MARLRunConfig())
+    c.eval.episodes = 4
     return c
 
 
@@ -43,8 +37,9 @@ def ippo_spread(c):
     update (16), in 2 epochs of 8 minibatches (half the gradient FLOPs per env step) at 2x its learning
     rate (5e-4, annealed). lr 1e-3 learned faster but collapsed 2 of 3 seeds after 3M steps."""
     c.algo.update(num_steps=128, update_epochs=2, num_minibatches=8, lr=5e-4)
-    c.train.update(total_env_steps=10_000_000, num_seeds=3, updates_per_call=61, log_every=1,
-                   checkpoint_every=610)
+    c.train.update(
+        total_env_steps=10_000_000, num_seeds=3, updates_per_call=61, log_every=1, checkpoint_every=610
+    )
 
 
 def ippo_spread_jaxmarl(c):
@@ -81,9 +76,15 @@ def ippo_reference(c):
     c.train.update(total_env_steps=2_000_000, num_seeds=3, updates_per_call=61, checkpoint_every=305)
 
 
-PRESETS = {"smoke": smoke, "ippo_spread": ippo_spread, "ippo_spread_jaxmarl": ippo_spread_jaxmarl,
-           "ippo_spread_rnn": ippo_spread_rnn, "mappo_spread": mappo_spread, "ippo_tag": ippo_tag,
-           "ippo_reference": ippo_reference}
+PRESETS = {
+    "smoke": smoke,
+    "ippo_spread": ippo_spread,
+    "ippo_spread_jaxmarl": ippo_spread_jaxmarl,
+    "ippo_spread_rnn": ippo_spread_rnn,
+    "mappo_spread": mappo_spread,
+    "ippo_tag": ippo_tag,
+    "ippo_reference": ippo_reference,
+}
 
 
 def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:

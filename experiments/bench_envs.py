@@ -1,17 +1,16 @@
 """Env-steps/s of jaxpar's MPE envs against JaxMARL's ports and mpe2, and scaling over simulated devices.
 
   python experiments/bench_envs.py --out=benchmarks/envs
+  python experiments/bench_envs.py --render_only --out=benchmarks/envs
 
 Writes results.json, README.md (tables) and throughput.png into --out. JaxMARL is optional: install it
 (`pip install --no-deps jaxmarl==0.2.0 jaxtyping`) to get its columns; without it they are left out.
+The work is in jaxpar/bench/envs.py.
 """
-
-import os
-import pathlib
 
 from absl import app, flags
 
-from jaxpar.envs import bench
+from jaxpar.bench import envs
 
 _ENVS = flags.DEFINE_list("envs", ["simple_spread_v3", "simple_tag_v3", "simple_reference_v3"], "Env ids.")
 _BATCH = flags.DEFINE_list("num_envs", ["1", "64", "1024", "8192"], "Batch sizes.")
@@ -25,26 +24,29 @@ _SCALING_DEVICES = flags.DEFINE_list("scaling_devices", ["1", "2", "4", "8"], "D
 _SCALING_ENVS = flags.DEFINE_integer("scaling_num_envs", 8192, "Batch size for the scaling runs.")
 _SCALING_STEPS = flags.DEFINE_integer("scaling_steps", 50, "Scan length for the scaling runs.")
 _OUT = flags.DEFINE_string("out", "benchmarks/envs", "Directory for results.json, README.md, throughput.png.")
+_RENDER_ONLY = flags.DEFINE_bool(
+    "render_only", False, "Rewrite README.md and throughput.png from --out/results.json; no runs."
+)
 
 
 def main(argv):
-    del argv
-    steps = dict(zip(map(int, _BATCH.value), map(int, _STEPS.value)))
-    results = {"machine": bench.machine()}
-    results["throughput"] = bench.throughput(
-        _ENVS.value, list(steps), steps.__getitem__, _REPS.value, _MPE2_STEPS.value, _JAXMARL.value
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _RENDER_ONLY.value:
+        envs.render(_OUT.value)
+        return
+    envs.run(
+        _OUT.value,
+        _ENVS.value,
+        [int(b) for b in _BATCH.value],
+        [int(t) for t in _STEPS.value],
+        reps=_REPS.value,
+        mpe2_steps=_MPE2_STEPS.value,
+        with_jaxmarl=_JAXMARL.value,
+        scaling_devices=[int(d) for d in _SCALING_DEVICES.value],
+        scaling_num_envs=_SCALING_ENVS.value,
+        scaling_steps=_SCALING_STEPS.value,
     )
-    if _SCALING_DEVICES.value:
-        results["scaling"] = bench.scaling(
-            _ENVS.value[0],
-            _SCALING_ENVS.value,
-            _SCALING_STEPS.value,
-            [int(d) for d in _SCALING_DEVICES.value],
-            _REPS.value,
-        )
-    results["load_average_at_end"] = os.getloadavg()
-    bench.write_report(results, pathlib.Path(_OUT.value))
-    print(f"wrote {_OUT.value}/README.md")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,13 @@ from jaxpar.rl.config import from_config_dict
 from jaxpar.rl.loop import evaluate, train
 from jaxpar.train.checkpoint import CheckpointError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/marl.py:smoke.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file and preset, e.g. configs/marl.py:smoke."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots, config.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (or resume), or evaluate the latest checkpoint.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval"], "train (or resume), or evaluate the latest checkpoint."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,8 +43,10 @@ def main(argv):
         final = train(run, _WORKDIR.value)
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
-    print("final:", {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
-                     if not isinstance(v, list)})
+    print(
+        "final:",
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items() if not isinstance(v, list)},
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,18 @@
+"""jaxpar: one model definition, every parallelism, measured.
+
+The package is layered; a module imports only from layers below its own (and from its own package).
+tests/test_layers.py walks every import and fails on one that points up or sideways.
+"""
+
+# Lowest first. Packages on one line are independent of each other.
+LAYERS = (
+    ("machine", "kernels"),  # know nothing of jaxpar
+    ("parallel",),  # mesh, logical rules, collectives, schedule executor: no model, no config format, no loop
+    ("config",),  # typed run configs and their checks
+    ("envs",),  # multi-agent environments: no model, no loop
+    ("models",),  # Flax NNX models, logical axis names only
+    ("train",),  # state, steps, the LM training loop, checkpoints, data, metrics
+    ("rl",),  # IPPO / MAPPO on the shared runtime
+    ("launch",),  # multi-process, SLURM, TPU VM, sweeps
+    ("bench",),  # benchmark code behind experiments/bench_*.py
+)

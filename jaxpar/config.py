@@ -16,15 +16,12 @@ from typing import Any
 
 import ml_collections
 
+from jaxpar.kernels import attention as attention_lib
+from jaxpar.parallel import sequence as sequence_lib
+from jaxpar.parallel.mesh import MESH_AXES
 from jaxpar.parallel.rules import mesh_axes
 from jaxpar.parallel.schedules import SCHEDULES, Schedule, ScheduleError, cached_schedule
 
-# Names accepted by jaxpar.kernels.attention.attention; "auto" picks the best for the inputs and backend.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
-MESH_AXES = ("pipeline", "data", "fsdp", "expert", "sequence", "tensor")
-# How attention crosses sequence shards (jaxpar.parallel.sequence), and the token layouts it can use.
-SEQUENCE_PARALLEL = ("ring", "ulysses", "usp", "allgather")
-SEQUENCE_LAYOUTS = ("zigzag", "contiguous")
 # Token mixers: softmax attention, linear attention (LASP-2 when sequence-parallel), or both interleaved.
 MIXERS = ("softmax", "linear", "hybrid")
 LINEAR_GATES = ("none", "scalar")  # plain linear attention, or a data-dependent decay per KV head
@@ -62,14 +59,18 @@ class MoEConfig:
     def __post_init__(self):
         require(self.experts >= 0, f"model.moe.experts={self.experts} must be >= 0 (0 = dense MLPs).")
         if self.experts:
-            require(1 <= self.top_k <= self.experts,
-                    f"model.moe.top_k={self.top_k} must be between 1 and model.moe.experts={self.experts}.")
+            require(
+                1 <= self.top_k <= self.experts,
+                f"model.moe.top_k={self.top_k} must be between 1 and model.moe.experts={self.experts}.",
+            )
         require(self.d_ff > 0, f"model.moe.d_ff={self.d_ff} must be positive.")
         require(self.shared_experts >= 0, f"model.moe.shared_experts={self.shared_experts} must be >= 0.")
         one_of("model.moe.router", self.router, ("softmax", "sigmoid"))
         one_of("model.moe.balance", self.balance, ("aux_loss", "bias"))
-        require(self.capacity_factor >= 0,
-                f"model.moe.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless).")
+        require(
+            self.capacity_factor >= 0,
+            f"model.moe.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless).",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,15 +107,16 @@ class ModelConfig:
             f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
             "grouped-query attention needs every KV head to serve the same number of query heads.",
         )
-        one_of("model.attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)
+        one_of("model.attention_impl", self.attention_impl, attention_lib.IMPLEMENTATIONS)
         one_of("model.remat", self.remat, ("none", "full", "save_dots"))
         one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
-        one_of("model.sequence_parallel", self.sequence_parallel, SEQUENCE_PARALLEL)
+        one_of("model.sequence_parallel", self.sequence_parallel, sequence_lib.VARIANTS)
         one_of("model.mixer", self.mixer, MIXERS)
         one_of("model.linear_gate", self.linear_gate, LINEAR_GATES)
-        require(self.ulysses_degree >= 0,
-                f"model.ulysses_degree={self.ulysses_degree} must be >= 0 (0 = auto).")
+        require(
+            self.ulysses_degree >= 0, f"model.ulysses_degree={self.ulysses_degree} must be >= 0 (0 = auto)."
+        )
         require(self.linear_chunk >= 1, f"model.linear_chunk={self.linear_chunk} must be positive.")
         if self.mixer == "hybrid":
             require(
@@ -129,11 +131,26 @@ class ModelConfig:
         attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.d_model * self.d_ff
         if self.moe.experts:
-            mlp = (3 * self.d_model * self.moe.d_ff * (self.moe.experts + self.moe.shared_experts)
-                   + self.d_model * self.moe.experts)
+            mlp = (
+                3 * self.d_model * self.moe.d_ff * (self.moe.experts + self.moe.shared_experts)
+                + self.d_model * self.moe.experts
+            )
         per_layer = attn + mlp + 2 * self.d_model
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         return self.n_layers * per_layer + self.linear_layers * self._linear_extra + embed + self.d_model
+
+    def zigzag_factor(self, mesh_sizes: Mapping[str, int]) -> int:
+        """The n of the zigzag token layout this model uses on a mesh of these axis sizes (1: contiguous):
+        what the data pipeline applies (jaxpar.parallel.sequence.zigzag_batch) and every layer assumes."""
+        tensor = mesh_sizes.get("tensor", 1)
+        return sequence_lib.model_zigzag_factor(
+            self.sequence_parallel,
+            self.mixer,
+            mesh_sizes.get("sequence", 1),
+            self.n_heads // tensor,
+            self.n_kv_heads // tensor,
+            self.ulysses_degree,
+        )
 
     @property
     def linear_layers(self) -> int:
@@ -164,10 +181,13 @@ class MeshConfig:
     def __post_init__(self):
         sizes = self.as_dict()
         for name, size in sizes.items():
-            require(size == -1 or size >= 1, f"mesh.{name}={size} must be a positive int or -1 (all remaining).")
+            require(
+                size == -1 or size >= 1, f"mesh.{name}={size} must be a positive int or -1 (all remaining)."
+            )
         require(
             sum(size == -1 for size in sizes.values()) <= 1,
-            f"mesh={sizes} has more than one axis set to -1; at most one axis can take the remaining devices.",
+            f"mesh={sizes} has more than one axis set to -1; at most one axis can take the remaining "
+            "devices.",
         )
 
     def as_dict(self) -> dict[str, int]:
@@ -180,7 +200,8 @@ class MeshConfig:
         if -1 in sizes.values():
             require(
                 num_devices % fixed == 0,
-                f"mesh={self.as_dict()} cannot fill {num_devices} devices: the fixed axes multiply to {fixed}, "
+                f"mesh={self.as_dict()} cannot fill {num_devices} devices: the fixed axes multiply to "
+                f"{fixed}, "
                 f"which does not divide {num_devices}.",
             )
             sizes = {name: (num_devices // fixed if size == -1 else size) for name, size in sizes.items()}
@@ -213,7 +234,8 @@ class DataConfig:
         require(0.0 < self.eval_fraction < 1.0, f"data.eval_fraction={self.eval_fraction} must be in (0, 1).")
         require(
             self.source == "stdlib" or self.path,
-            f"data.source={self.source!r} needs data.path (a glob of files), e.g. --config.data.path='/data/*.txt'.",
+            f"data.source={self.source!r} needs data.path (a glob of files), e.g. "
+            "--config.data.path='/data/*.txt'.",
         )
 
 
@@ -248,8 +270,15 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self):
-        for name in ("steps", "global_batch", "seq_len", "grad_accum_steps", "log_every", "eval_batches",
-                     "keep_checkpoints"):
+        for name in (
+            "steps",
+            "global_batch",
+            "seq_len",
+            "grad_accum_steps",
+            "log_every",
+            "eval_batches",
+            "keep_checkpoints",
+        ):
             require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1.")
         for name in ("eval_every", "checkpoint_every"):
             require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0 (0 = never).")
@@ -279,10 +308,12 @@ class PipelineConfig:
         one_of("pipeline.schedule", self.schedule, SCHEDULES)
         require(self.microbatches >= 1, f"pipeline.microbatches={self.microbatches} must be >= 1.")
         require(self.virtual_stages >= 1, f"pipeline.virtual_stages={self.virtual_stages} must be >= 1.")
-        require(self.virtual_stages == 1 or self.schedule in ("gpipe", "interleaved_1f1b"),
-                f"pipeline.virtual_stages={self.virtual_stages} needs pipeline.schedule="
-                f"'interleaved_1f1b' (or 'gpipe', the looped GPipe); {self.schedule!r} runs one chunk "
-                "per stage.")
+        require(
+            self.virtual_stages == 1 or self.schedule in ("gpipe", "interleaved_1f1b"),
+            f"pipeline.virtual_stages={self.virtual_stages} needs pipeline.schedule="
+            f"'interleaved_1f1b' (or 'gpipe', the looped GPipe); {self.schedule!r} runs one chunk "
+            "per stage.",
+        )
 
     def validate(self, model_cfg: ModelConfig, mesh_sizes: Mapping[str, int], global_batch: int) -> None:
         """Checks that need the model, the mesh and the batch; raises ConfigError naming the fix."""
@@ -294,60 +325,74 @@ class PipelineConfig:
             f"model.n_layers={model_cfg.n_layers} is not divisible by mesh.pipeline*pipeline.virtual_stages="
             f"{stages}*{V}={chunks}; every (virtual) stage takes an equal contiguous slice of layers. Choose "
             f"n_layers as a multiple of {chunks}, or a mesh.pipeline / virtual_stages that divides "
-            f"{model_cfg.n_layers}.")
+            f"{model_cfg.n_layers}.",
+        )
         if self.schedule in ("1f1b", "interleaved_1f1b", "zero_bubble"):
             require(
                 M >= stages,
                 f"pipeline.microbatches={M} < mesh.pipeline={stages}: {self.schedule} needs at least one "
-                f"microbatch per stage to fill the pipeline (M >= P; M >= 4P keeps the bubble under 20%).")
+                f"microbatch per stage to fill the pipeline (M >= P; M >= 4P keeps the bubble under 20%).",
+            )
         if self.schedule == "interleaved_1f1b" and V > 1:
-            require(M % stages == 0,
-                    f"pipeline.microbatches={M} is not a multiple of mesh.pipeline={stages}; "
-                    "interleaved_1f1b walks microbatches through the chunks in groups of P.")
+            require(
+                M % stages == 0,
+                f"pipeline.microbatches={M} is not a multiple of mesh.pipeline={stages}; "
+                "interleaved_1f1b walks microbatches through the chunks in groups of P.",
+            )
         require(
             global_batch % M == 0,
             f"train.global_batch={global_batch} is not divisible by pipeline.microbatches={M}; every "
-            "microbatch takes an equal share of the batch.")
+            "microbatch takes an equal share of the batch.",
+        )
         batch_shards = mesh_sizes.get("data", 1) * mesh_sizes.get("fsdp", 1)
         require(
             (global_batch // M) % batch_shards == 0,
             f"train.global_batch={global_batch} / pipeline.microbatches={M} = {global_batch // M} rows per "
             f"microbatch, not divisible by mesh.data*mesh.fsdp={batch_shards}; pick a global batch that is a "
-            f"multiple of {M * batch_shards}.")
+            f"multiple of {M * batch_shards}.",
+        )
         vocab_shards = stages * mesh_sizes.get("tensor", 1)
         require(
             model_cfg.vocab_size % vocab_shards == 0,
             f"model.vocab_size={model_cfg.vocab_size} is not divisible by mesh.pipeline*mesh.tensor="
             f"{vocab_shards}; the embedding and output layer are split over the vocabulary across pipeline "
-            f"stages (and tensor shards). Pad the vocabulary to a multiple of {vocab_shards}.")
-        require(model_cfg.moe.experts == 0,
-                f"model.moe.experts={model_cfg.moe.experts}: the pipeline runs dense blocks only (the MoE "
-                "router's auxiliary losses and statistics are not carried through the stages yet); use "
-                "model.moe.experts=0 or mesh.pipeline=1.")
-        require(model_cfg.mixer == "softmax",
-                f"model.mixer={model_cfg.mixer!r}: the pipeline stages run softmax-attention blocks only; "
-                "use model.mixer='softmax' or mesh.pipeline=1.")
+            f"stages (and tensor shards). Pad the vocabulary to a multiple of {vocab_shards}.",
+        )
+        require(
+            model_cfg.moe.experts == 0,
+            f"model.moe.experts={model_cfg.moe.experts}: the pipeline runs dense blocks only (the MoE "
+            "router's auxiliary losses and statistics are not carried through the stages yet); use "
+            "model.moe.experts=0 or mesh.pipeline=1.",
+        )
+        require(
+            model_cfg.mixer == "softmax",
+            f"model.mixer={model_cfg.mixer!r}: the pipeline stages run softmax-attention blocks only; "
+            "use model.mixer='softmax' or mesh.pipeline=1.",
+        )
         for axis in ("expert", "sequence"):
-            require(mesh_sizes.get(axis, 1) == 1,
-                    f"mesh.{axis}={mesh_sizes.get(axis)}: the pipeline does not compose with {axis} "
-                    f"parallelism yet; set mesh.{axis}=1.")
+            require(
+                mesh_sizes.get(axis, 1) == 1,
+                f"mesh.{axis}={mesh_sizes.get(axis)}: the pipeline does not compose with {axis} "
+                f"parallelism yet; set mesh.{axis}=1.",
+            )
 
     def make_schedule(self, num_stages: int) -> Schedule:
         """The validated table for `num_stages` devices on the pipeline axis (cached)."""
         try:
-            return cached_schedule(self.schedule, num_stages, self.microbatches, self.virtual_stages,
-                                   self.split_backward)
+            return cached_schedule(
+                self.schedule, num_stages, self.microbatches, self.virtual_stages, self.split_backward
+            )
         except ScheduleError as error:
             raise ConfigError(str(error)) from error
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    model: ModelConfig
-    mesh: MeshConfig
-    data: DataConfig
-    optimizer: OptimizerConfig
-    train: TrainConfig
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
 
@@ -357,8 +402,11 @@ def build_section(cls: type, section: str, values: dict[str, Any]):
     hints = typing.get_type_hints(cls)
     known = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
-    require(not unknown, f"unknown config key(s) {[f'{section}.{k}' for k in unknown]}; "
-                          f"known keys of {section}: {sorted(known)}.")
+    require(
+        not unknown,
+        f"unknown config key(s) {[f'{section}.{k}' for k in unknown]}; "
+        f"known keys of {section}: {sorted(known)}.",
+    )
     kwargs = {}
     for key, value in values.items():
         expected = hints[key]
@@ -369,7 +417,9 @@ def build_section(cls: type, section: str, values: dict[str, Any]):
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        require(ok, f"{section}.{key}={value!r} has type {type(value).__name__}; expected {expected.__name__}.")
+        require(
+            ok, f"{section}.{key}={value!r} has type {type(value).__name__}; expected {expected.__name__}."
+        )
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -381,8 +431,9 @@ def build_run(cls: type, config: ml_collections.ConfigDict | dict):
     sections = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(sections))
     require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(sections)}.")
-    return cls(**{name: build_section(section, name, dict(raw.get(name, {})))
-                  for name, section in sections.items()})
+    return cls(
+        **{name: build_section(section, name, dict(raw.get(name, {}))) for name, section in sections.items()}
+    )
 
 
 def from_config_dict(config: ml_collections.ConfigDict | dict) -> RunConfig:
@@ -390,62 +441,20 @@ def from_config_dict(config: ml_collections.ConfigDict | dict) -> RunConfig:
     return build_run(RunConfig, config)
 
 
+def config_dict(run) -> ml_collections.ConfigDict:
+    """A run config as the ConfigDict a config file returns: presets start from the dataclass defaults
+    (`config_dict(RunConfig())`), the one source of defaults, and state only what differs."""
+    return ml_collections.ConfigDict(to_dict(run))
+
+
 def to_dict(run) -> dict[str, dict[str, Any]]:
     """A run config (RunConfig, or jaxpar.rl's MARLRunConfig) as plain dicts, as config.json holds it."""
     return dataclasses.asdict(run)
 
 
-def default_ulysses_degree(sequence: int, heads: int, kv_heads: int) -> int:
-    """USP's Ulysses group size when model.ulysses_degree is 0: the largest divisor of `sequence`, short of
-    `sequence` itself (so the ring has at least two groups), that divides the per-device query and KV
-    head counts."""
-    return max(u for u in range(1, max(sequence, 2)) if sequence % u == 0 and heads % u == 0
-               and kv_heads % u == 0)
-
-
-def resolve_ulysses_degree(ulysses_degree: int, sequence: int, heads: int, kv_heads: int) -> int:
-    """USP's Ulysses size: the configured one, or `default_ulysses_degree` for 0."""
-    return ulysses_degree or default_ulysses_degree(sequence, heads, kv_heads)
-
-
-def run_zigzag_factor(model_cfg: ModelConfig, mesh_sizes: Mapping[str, int]) -> int:
-    """The zigzag n of a run, from its ModelConfig (sequence_parallel, mixer, ulysses_degree, heads) and
-    mesh axis sizes: what the data pipeline passes to `jaxpar.parallel.sequence.zigzag_batch`, and what
-    every layer assumes."""
-    sequence, tensor = mesh_sizes.get("sequence", 1), mesh_sizes.get("tensor", 1)
-    if sequence <= 1:
-        return 1
-    degree = 1
-    if model_cfg.sequence_parallel == "usp":
-        degree = resolve_ulysses_degree(model_cfg.ulysses_degree, sequence, model_cfg.n_heads // tensor,
-                                        model_cfg.n_kv_heads // tensor)
-    return zigzag_factor(model_cfg.sequence_parallel, sequence, degree, mixer=model_cfg.mixer)
-
-
-def zigzag_factor(variant: str, sequence: int, ulysses_degree: int = 1, mixer: str = "softmax",
-                  layout: str = "zigzag") -> int:
-    """The n of the zigzag layout a run uses (1: contiguous). ring and allgather balance over all
-    `sequence` devices, usp over its ring of sequence / ulysses_degree groups, ulysses needs none (every
-    device attends to the whole sequence for its heads), and neither does a model of linear attention
-    only (LASP-2's work is the same on every shard). The data pipeline and every layer must agree."""
-    if variant not in SEQUENCE_PARALLEL:
-        raise ValueError(f"sequence_parallel={variant!r} is not supported; choose one of "
-                         f"{list(SEQUENCE_PARALLEL)}")
-    if layout not in SEQUENCE_LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not supported; choose one of {list(SEQUENCE_LAYOUTS)}")
-    if sequence <= 1 or layout == "contiguous" or variant == "ulysses" or mixer == "linear":
-        return 1
-    if variant == "usp":
-        if ulysses_degree < 1 or sequence % ulysses_degree:
-            raise ValueError(f"usp ulysses_degree={ulysses_degree} must be a divisor of the sequence axis "
-                             f"size {sequence}.")
-        return sequence // ulysses_degree
-    return sequence
-
-
 def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict[str, int]) -> None:
-    """mesh.sequence > 1: the sequence must split into the chunks the layout needs, and Ulysses needs
-    heads (and KV heads) per tensor shard divisible by its group size."""
+    """mesh.sequence > 1: the residual stream splits over sequence x tensor, and attention's split
+    (jaxpar.parallel.sequence.check_split: the layout's chunks, Ulysses' heads) must work."""
     sequence, tensor = sizes["sequence"], sizes["tensor"]
     if sequence == 1:
         return
@@ -454,32 +463,23 @@ def _check_sequence_parallel(model: ModelConfig, train: TrainConfig, sizes: dict
         f"train.seq_len={train.seq_len} is not divisible by mesh.sequence*mesh.tensor={sequence * tensor}; "
         "the residual stream is split over both.",
     )
-    variant = model.sequence_parallel
-    heads, kv_heads = model.n_heads // tensor, model.n_kv_heads // tensor
-    splits_heads = model.mixer != "linear"  # LASP-2 has no head constraint
-    if splits_heads and variant == "ulysses":
-        require(
-            heads % sequence == 0 and kv_heads % sequence == 0,
-            f"model.sequence_parallel='ulysses' splits heads over mesh.sequence={sequence}, but each tensor "
-            f"shard has {heads} query heads and {kv_heads} key/value heads (model.n_heads={model.n_heads}, "
-            f"model.n_kv_heads={model.n_kv_heads}, mesh.tensor={tensor}); both must divide by {sequence}. "
-            "Use sequence_parallel='usp' with a smaller model.ulysses_degree, or 'ring'.",
+    if model.mixer == "linear":  # LASP-2 has no head constraint and no zigzag
+        return
+    variant, heads, kv_heads = model.sequence_parallel, model.n_heads // tensor, model.n_kv_heads // tensor
+    degree = model.ulysses_degree
+    if variant == "usp":
+        degree = sequence_lib.resolve_ulysses_degree(degree, sequence, heads, kv_heads)
+    try:
+        sequence_lib.check_split(
+            variant, sequence, train.seq_len, heads, kv_heads, degree, model.zigzag_factor(sizes)
         )
-    elif splits_heads and variant == "usp":
-        degree = resolve_ulysses_degree(model.ulysses_degree, sequence, heads, kv_heads)
-        require(
-            sequence % degree == 0 and heads % degree == 0 and kv_heads % degree == 0,
-            f"model.ulysses_degree={degree} must divide mesh.sequence={sequence} and the {heads} query and "
-            f"{kv_heads} key/value heads of each tensor shard.",
-        )
-    zigzag = run_zigzag_factor(model, sizes)
-    pieces = 2 * sequence if zigzag > 1 else sequence
-    require(
-        train.seq_len % pieces == 0,
-        f"train.seq_len={train.seq_len} is not divisible by {pieces}: mesh.sequence={sequence} with "
-        f"sequence_parallel={variant!r} cuts every sequence into {pieces} equal chunks"
-        + (" (zigzag layout)." if zigzag > 1 else "."),
-    )
+    except ValueError as error:
+        raise ConfigError(
+            f"model.sequence_parallel={variant!r} on mesh.sequence={sequence} "
+            f"(train.seq_len={train.seq_len}, "
+            f"model.n_heads={model.n_heads}, model.n_kv_heads={model.n_kv_heads}, mesh.tensor={tensor}, "
+            f"model.ulysses_degree={model.ulysses_degree}): {error}"
+        ) from None
 
 
 def batch_split(sizes: Mapping[str, int]) -> tuple[int, str]:
@@ -509,9 +509,11 @@ def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
         )
     if sizes["pipeline"] > 1:
         run.pipeline.validate(model, sizes, train.global_batch)
-        require(train.grad_accum_steps == 1,
-                f"train.grad_accum_steps={train.grad_accum_steps} with mesh.pipeline={sizes['pipeline']}: the "
-                "pipeline's microbatches are the accumulation; set pipeline.microbatches instead.")
+        require(
+            train.grad_accum_steps == 1,
+            f"train.grad_accum_steps={train.grad_accum_steps} with mesh.pipeline={sizes['pipeline']}: the "
+            "pipeline's microbatches are the accumulation; set pipeline.microbatches instead.",
+        )
     tensor = sizes["tensor"]
     for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
         value = getattr(model, name)

@@ -15,16 +15,22 @@ from jaxpar.launch.collect import collect
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("sweep_dir")
-    parser.add_argument("--metric", default=None, help="curve key in metrics.jsonl (default: loss, else return)")
+    parser.add_argument(
+        "--metric", default=None, help="curve key in metrics.jsonl (default: loss, else return)"
+    )
     args = parser.parse_args()
     if not os.path.isdir(args.sweep_dir):
         sys.exit(f"error: {args.sweep_dir} is not a directory.")
     runs, outputs = collect(args.sweep_dir, args.metric)
     if not runs:
-        sys.exit(f"error: no runs in {args.sweep_dir} (no manifest.json, and no subdirectory with "
-                 "metrics.jsonl, launch.json, status.json or config.json).")
+        sys.exit(
+            f"error: no runs in {args.sweep_dir} (no manifest.json, and no subdirectory with "
+            "metrics.jsonl, launch.json, status.json or config.json)."
+        )
     with open(outputs["markdown"]) as f:
         print(f.read())
     print("wrote " + ", ".join(outputs.values()))

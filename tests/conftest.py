@@ -1,14 +1,11 @@
-"""Every test runs on 8 simulated CPU devices; the flag must be set before jax is imported."""
+"""Every test runs on 8 simulated CPU devices. Each pytest-xdist worker imports this file before any test
+module, so the count is set before jax's backend starts in that process."""
 
-import os
+import jax
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from jaxpar.machine import simulate_cpu_devices
 
-import jax  # noqa: E402
-
+simulate_cpu_devices(8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from jaxpar.config import MeshConfig, ModelConfig, OptimizerConfig
 from jaxpar.parallel.mesh import make_mesh
-from jaxpar.train import state as state_lib, step as step_lib
+from jaxpar.train import build as build_lib, optimizer as optimizer_lib, step as step_lib
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8, d_ff=64)
 OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=2)
@@ -22,8 +22,14 @@ MESHES = {
 }
 
 
+def config_mesh(mesh_config: MeshConfig, devices=None):
+    """The mesh of a MeshConfig on `devices` (default: all)."""
+    devices = jax.devices() if devices is None else devices
+    return make_mesh(mesh_config.resolve(len(devices)), devices)
+
+
 def single_device_mesh():
-    return make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    return make_mesh({}, jax.devices()[:1])
 
 
 def packed_batch(seed: int, batch: int = 8, length: int = 16, vocab: int = 64) -> dict[str, np.ndarray]:
@@ -38,18 +44,28 @@ def packed_batch(seed: int, batch: int = 8, length: int = 16, vocab: int = 64) -
             segment_ids[row, lo:hi] = segment
             positions[row, lo:hi] = np.arange(hi - lo)
     tokens = rng.integers(1, vocab, (batch, length + 1)).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids, "positions": positions}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": segment_ids,
+        "positions": positions,
+    }
 
 
 def loss_and_grads_on(mesh, model_cfg, batch, grad_accum_steps=1):
     """(loss, grads as numpy, grads as placed) of the jitted train-step math on `mesh`, from seed 0."""
-    tx = state_lib.make_optimizer(OPT, 20)  # the optimizer's schedule does not enter the gradients
-    graphdef, state, shardings = state_lib.init_state(model_cfg, tx, mesh, seed=0)
-    fn = functools.partial(step_lib.loss_and_grads, graphdef=graphdef, grad_accum_steps=grad_accum_steps,
-                           grad_shardings=shardings.params)
+    tx = optimizer_lib.make_optimizer(OPT, 20)  # the optimizer's schedule does not enter the gradients
+    graphdef, state, shardings = build_lib.init_state(model_cfg, tx, mesh, seed=0)
+    fn = functools.partial(
+        step_lib.loss_and_grads,
+        graphdef=graphdef,
+        grad_accum_steps=grad_accum_steps,
+        grad_shardings=shardings.params,
+    )
     with jax.set_mesh(mesh):
-        jitted = jax.jit(lambda p, b: fn(p, batch=b)[:2],
-                         in_shardings=(shardings.params, step_lib.batch_sharding(mesh)))
+        jitted = jax.jit(
+            lambda p, b: fn(p, batch=b)[:2], in_shardings=(shardings.params, step_lib.batch_sharding(mesh))
+        )
         loss, grads = jitted(state.params, jax.device_put(batch, step_lib.batch_sharding(mesh)))
     return float(loss), jax.tree.map(np.asarray, grads), grads
 
@@ -60,5 +76,10 @@ def assert_grads_close(grads, expected):
     assert len(flat) == len(jax.tree.leaves(expected))
     for (path, got), want in zip(flat, jax.tree.leaves(expected)):
         want = np.asarray(want)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max() + 1e-9,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(got),
+            want,
+            rtol=0,
+            atol=1e-5 * np.abs(want).max() + 1e-9,
+            err_msg=jax.tree_util.keystr(path),
+        )

@@ -11,8 +11,11 @@ ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "J
 
 def curve(workdir, keys=("loss", "grad_norm", "lr")) -> dict[int, tuple]:
     """{step: (value per key)} of every logged training step in workdir/metrics.jsonl."""
-    return {r["step"]: tuple(r[k] for k in keys) for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
-            if "loss" in r}
+    return {
+        r["step"]: tuple(r[k] for k in keys)
+        for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+        if "loss" in r
+    }
 
 
 def wait_for_step(workdir, step, process, timeout=300) -> None:

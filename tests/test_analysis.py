@@ -11,9 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpar.config import DataConfig, MeshConfig, RunConfig, TrainConfig
 from jaxpar.parallel import analysis
-from jaxpar.parallel.mesh import make_mesh
-from jaxpar.train import state as state_lib
-from lm_testing import MESHES, OPT, TINY
+from jaxpar.train import build as build_lib, costs, optimizer as optimizer_lib
+from lm_testing import MESHES, OPT, TINY, config_mesh
 
 F32 = 4
 
@@ -31,8 +30,12 @@ def _compile_shard_map(body, in_spec, out_spec, shape):
         # Each device holds [1, 128]: psum moves that block, all_gather builds [8, 128].
         (lambda x: jax.lax.psum(x, "x"), P(), "all-reduce", 128 * F32),
         (lambda x: jax.lax.all_gather(x, "x", tiled=True), P("x"), "all-gather", 8 * 128 * F32),
-        (lambda x: jax.lax.ppermute(x, "x", [(i, (i + 1) % 8) for i in range(8)]), P("x"),
-         "collective-permute", 128 * F32),
+        (
+            lambda x: jax.lax.ppermute(x, "x", [(i, (i + 1) % 8) for i in range(8)]),
+            P("x"),
+            "collective-permute",
+            128 * F32,
+        ),
     ],
     ids=["psum", "all_gather", "ppermute"],
 )
@@ -100,17 +103,27 @@ def test_async_tuple_and_loop_forms():
 
 
 def _tiny_run(mesh: MeshConfig, **model) -> RunConfig:
-    return RunConfig(model=dataclasses.replace(TINY, **model), mesh=mesh, data=DataConfig(), optimizer=OPT,
-                     train=TrainConfig(global_batch=8, seq_len=16))
+    return RunConfig(
+        model=dataclasses.replace(TINY, **model),
+        mesh=mesh,
+        data=DataConfig(),
+        optimizer=OPT,
+        train=TrainConfig(global_batch=8, seq_len=16),
+    )
 
 
 @functools.cache
 def _measured_and_expected(run: RunConfig):
-    mesh = make_mesh(run.mesh)
-    compiled, abstract = analysis.compile_train_step(run, mesh)
-    expected = analysis.expected_collective_bytes(
-        run.model, dict(mesh.shape), run.train.global_batch, run.train.seq_len,
-        reduce_scatter_as_all_reduce=True)
+    mesh = config_mesh(run.mesh)
+    program = build_lib.build(run, mesh)
+    compiled, abstract = program.compile(), program.abstract
+    expected = costs.expected_collective_bytes(
+        run.model,
+        dict(mesh.shape),
+        run.train.global_batch,
+        run.train.seq_len,
+        reduce_scatter_as_all_reduce=True,
+    )
     return analysis.collective_bytes(compiled), expected, compiled, abstract
 
 
@@ -147,8 +160,8 @@ def test_tensor_parallel_total_matches():
 def test_state_bytes_per_device_under_fsdp():
     """FSDP shards every matrix 8 ways; only the norm scales stay whole on each device; the AdamW
     moments mirror the parameters."""
-    mesh = make_mesh(MESHES["fsdp8"])
-    _, abstract, _ = state_lib.abstract_state(TINY, state_lib.make_optimizer(OPT, 10), mesh)
+    mesh = config_mesh(MESHES["fsdp8"])
+    _, abstract, _ = build_lib.abstract_state(TINY, optimizer_lib.make_optimizer(OPT, 10), mesh)
     norm_params = TINY.d_model * (2 * TINY.n_layers + 1)
     expected_params = ((TINY.n_params - norm_params) // 8 + norm_params) * F32
     state = analysis.state_bytes_per_device(abstract)

@@ -8,7 +8,11 @@ from jaxpar.train.checkpoint import Checkpointer
 
 
 def test_zero_size_leaves_round_trip(tmp_path):
-    state = {"goals": jnp.zeros((4, 3, 0)), "params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.int32(7)}
+    state = {
+        "goals": jnp.zeros((4, 3, 0)),
+        "params": {"w": jnp.arange(6.0).reshape(2, 3)},
+        "step": jnp.int32(7),
+    }
     checkpointer = Checkpointer(str(tmp_path), keep=2)
     checkpointer.save(3, state, {"position": 11})
     checkpointer.wait()

@@ -46,15 +46,21 @@ def test_unknown_preset():
         ({"model.attention_impl": "flash"}, r"model.attention_impl='flash' is not supported"),
         ({"pipeline.schedule": "pipedream"}, r"pipeline.schedule='pipedream' is not supported"),
         ({"model.mixer": "mamba"}, r"model.mixer='mamba' is not supported; choose one of"),
-        ({"model.moe.top_k": 3, "model.moe.experts": 2}, r"model.moe.top_k=3 must be between 1 and "
-                                                          r"model.moe.experts=2"),
+        (
+            {"model.moe.top_k": 3, "model.moe.experts": 2},
+            r"model.moe.top_k=3 must be between 1 and "
+            r"model.moe.experts=2",
+        ),
         ({"model.moe.router": "relu"}, r"model.moe.router='relu' is not supported"),
         ({"model.moe.capacity": 1.0}, r"unknown config key\(s\) \['model.moe.capacity'\]"),
         ({"mesh.data": -1, "mesh.fsdp": -1}, r"more than one axis set to -1"),
         ({"mesh.data": 0}, r"mesh.data=0 must be a positive int or -1"),
         ({"data.source": "text"}, r"data.source='text' needs data.path"),
-        ({"train.global_batch": 10, "train.grad_accum_steps": 4}, r"train.global_batch=10 is not divisible by "
-                                                                  r"train.grad_accum_steps=4"),
+        (
+            {"train.global_batch": 10, "train.grad_accum_steps": 4},
+            r"train.global_batch=10 is not divisible by "
+            r"train.grad_accum_steps=4",
+        ),
     ],
 )
 def test_config_errors(overrides, message):
@@ -74,25 +80,59 @@ def test_unknown_section():
     [
         ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}, 8, r"uses 4 devices but 8 are present"),
         ({"mesh.data": -1, "mesh.fsdp": 3, "mesh.tensor": 1}, 8, r"cannot fill 8 devices"),
-        ({"train.global_batch": 10}, 8, r"train.global_batch=10 .* not divisible by mesh.data\*mesh.fsdp\*mesh.expert=4"),
-        ({"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 4}, 8, r"model.n_kv_heads=2 is not divisible by "
-                                                                r"mesh.tensor=4"),
-        ({"model.vocab_size": 258, "mesh.data": 2, "mesh.tensor": 4, "model.n_kv_heads": 4}, 16,
-         r"model.vocab_size=258 is not divisible by mesh.tensor=4"),
-        ({"mesh.data": 1, "mesh.expert": 2}, 8, r"mesh.expert=2 needs model.moe.experts to be a positive "
-                                                 r"multiple of it \(got 0\)"),
-        ({"mesh.pipeline": 2, "mesh.fsdp": 1, "model.n_layers": 3}, 8,
-         r"model.n_layers=3 is not divisible by mesh.pipeline\*pipeline.virtual_stages=2\*1"),
-        ({"mesh.pipeline": 2, "mesh.fsdp": 1, "train.grad_accum_steps": 2}, 8,
-         r"train.grad_accum_steps=2 with mesh.pipeline=2"),
+        (
+            {"train.global_batch": 10},
+            8,
+            r"train.global_batch=10 .* not divisible by mesh.data\*mesh.fsdp\*mesh.expert=4",
+        ),
+        (
+            {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 4},
+            8,
+            r"model.n_kv_heads=2 is not divisible by "
+            r"mesh.tensor=4",
+        ),
+        (
+            {"model.vocab_size": 258, "mesh.data": 2, "mesh.tensor": 4, "model.n_kv_heads": 4},
+            16,
+            r"model.vocab_size=258 is not divisible by mesh.tensor=4",
+        ),
+        (
+            {"mesh.data": 1, "mesh.expert": 2},
+            8,
+            r"mesh.expert=2 needs model.moe.experts to be a positive "
+            r"multiple of it \(got 0\)",
+        ),
+        (
+            {"mesh.pipeline": 2, "mesh.fsdp": 1, "model.n_layers": 3},
+            8,
+            r"model.n_layers=3 is not divisible by mesh.pipeline\*pipeline.virtual_stages=2\*1",
+        ),
+        (
+            {"mesh.pipeline": 2, "mesh.fsdp": 1, "train.grad_accum_steps": 2},
+            8,
+            r"train.grad_accum_steps=2 with mesh.pipeline=2",
+        ),
         ({"train.seq_len": 4096}, 8, r"train.seq_len=4096 exceeds model.max_seq_len=2048"),
-        ({"mesh.pipeline": 2, "mesh.fsdp": 1, "model.mixer": "linear"}, 8,
-         r"model.mixer='linear': the pipeline stages run softmax-attention blocks only"),
-        ({"mesh.pipeline": 2, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.sequence": 2}, 8,
-         r"mesh.sequence=2: the pipeline does not compose with sequence parallelism yet"),
-        ({"mesh.data": 1, "mesh.fsdp": 1, "mesh.sequence": 4, "train.seq_len": 100}, 8,
-         r"train.seq_len=100 is not divisible by mesh.sequence\*mesh.tensor=8"),
-        ({"model.vocab_size": 128, "mesh.tensor": 1, "mesh.data": 4}, 8, r"model.vocab_size=128 is too small"),
+        (
+            {"mesh.pipeline": 2, "mesh.fsdp": 1, "model.mixer": "linear"},
+            8,
+            r"model.mixer='linear': the pipeline stages run softmax-attention blocks only",
+        ),
+        (
+            {"mesh.pipeline": 2, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.sequence": 2},
+            8,
+            r"mesh.sequence=2: the pipeline does not compose with sequence parallelism yet",
+        ),
+        (
+            {"mesh.data": 1, "mesh.fsdp": 1, "mesh.sequence": 4, "train.seq_len": 100},
+            8,
+            r"train.seq_len=100 is not divisible by mesh.sequence\*mesh.tensor=8",
+        ),
+        (
+            {"model.vocab_size": 128, "mesh.tensor": 1, "mesh.data": 4},
+            8,
+            r"model.vocab_size=128 is too small",
+        ),
     ],
 )
 def test_run_errors(overrides, devices, message):
@@ -102,4 +142,5 @@ def test_run_errors(overrides, devices, message):
 
 def test_mesh_fill():
     assert MeshConfig(data=-1, tensor=2).resolve(8) == dict(
-        pipeline=1, data=4, fsdp=1, expert=1, sequence=1, tensor=2)
+        pipeline=1, data=4, fsdp=1, expert=1, sequence=1, tensor=2
+    )

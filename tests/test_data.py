@@ -42,7 +42,7 @@ def _expected_chunks(tokens, seq_len):
     n_pairs = len(tokens) - 1
     n_chunks = -(-n_pairs // seq_len)
     ends = [min((i + 1) * seq_len, n_pairs) + 1 for i in range(n_chunks)]
-    return [tuple(map(int, tokens[i * seq_len: end])) for i, end in enumerate(ends)]
+    return [tuple(map(int, tokens[i * seq_len : end])) for i, end in enumerate(ends)]
 
 
 def _take(iterator, n):
@@ -183,7 +183,7 @@ def test_tokens_source_round_trips_uint16(tmp_path):
 
     seq_len = 256
     got = [c for split in ("train", "eval") for c in _one_pass_chunks(cfg, split, seq_len, batch_size=16)]
-    docs = [tokens[i: i + data.TOKEN_DOC_LEN] for i in range(0, len(tokens), data.TOKEN_DOC_LEN)]
+    docs = [tokens[i : i + data.TOKEN_DOC_LEN] for i in range(0, len(tokens), data.TOKEN_DOC_LEN)]
     expected = [chunk for doc in docs for chunk in _expected_chunks(doc, seq_len)]
     assert collections.Counter(got) == collections.Counter(expected)
     assert max(max(c) for c in got) > 255

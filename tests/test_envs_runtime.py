@@ -11,8 +11,8 @@ import jaxpar.envs as E
 from jaxpar.config import MeshConfig
 from jaxpar.envs.runtime import EnvRuntime
 from jaxpar.envs.wrappers import env_keys
-from jaxpar.parallel.mesh import make_mesh
 from jaxpar.parallel.rules import logical_to_spec
+from lm_testing import config_mesh
 
 NUM_ENVS = 16
 BATCH_AXES = logical_to_spec(("batch",))[0]
@@ -47,8 +47,8 @@ def trajectories(env, mesh, steps):
 )
 def test_same_trajectories_on_1_and_8_devices(env_id, kwargs, steps):
     env = E.make(env_id, **kwargs)
-    one = trajectories(env, make_mesh(MeshConfig(), devices=jax.devices()[:1]), steps)
-    eight = trajectories(env, make_mesh(MeshConfig(data=4, fsdp=2)), steps)
+    one = trajectories(env, config_mesh(MeshConfig(), devices=jax.devices()[:1]), steps)
+    eight = trajectories(env, config_mesh(MeshConfig(data=4, fsdp=2)), steps)
     jax.tree.map(np.testing.assert_array_equal, one, eight)
     truncated = one[0][3]
     assert truncated.any(), "the rollout should cross an episode boundary"
@@ -56,11 +56,11 @@ def test_same_trajectories_on_1_and_8_devices(env_id, kwargs, steps):
 
 def test_batch_must_divide_the_batch_shards():
     with pytest.raises(ValueError, match="num_envs=12 .* multiple of 8"):
-        EnvRuntime(E.make("simple_v3"), 12, make_mesh(MeshConfig()))
+        EnvRuntime(E.make("simple_v3"), 12, config_mesh(MeshConfig()))
 
 
 def test_step_places_outputs_on_the_batch_shards():
-    mesh = make_mesh(MeshConfig())
+    mesh = config_mesh(MeshConfig())
     runtime = EnvRuntime(E.make("simple_spread_v3"), NUM_ENVS, mesh)
     obs, state = runtime.reset(jax.random.key(0))
     actions = runtime.place(np.zeros((NUM_ENVS, 3), np.int32))

@@ -16,18 +16,40 @@ QUICK = ["--config.train.log_every=1", "--config.train.eval_every=0", "--config.
 
 
 def submit(workdir, *args):
-    return [sys.executable, os.path.join(ROOT, "scripts", "submit.py"), "--config=configs/lm.py:smoke",
-            f"--workdir={workdir}", *args]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "submit.py"),
+        "--config=configs/lm.py:smoke",
+        f"--workdir={workdir}",
+        *args,
+    ]
 
 
 def test_two_processes_train_like_one(tmp_path):
     """2 processes x 4 devices and 1 process x 8 devices: same mesh (data=2 fsdp=2 tensor=2), same losses."""
     steps = ["--config.train.steps=6", *QUICK]
-    multi = subprocess.Popen(submit(tmp_path / "multi", "--target=multiprocess", "--num_processes=2",
-                                    "--devices_per_process=4", *steps),
-                             env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    single = subprocess.run(submit(tmp_path / "single", "--target=local", *steps), env=ENV, cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    multi = subprocess.Popen(
+        submit(
+            tmp_path / "multi",
+            "--target=multiprocess",
+            "--num_processes=2",
+            "--devices_per_process=4",
+            *steps,
+        ),
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    single = subprocess.run(
+        submit(tmp_path / "single", "--target=local", *steps),
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out, err = multi.communicate(timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     assert multi.returncode == 0, err[-3000:]
@@ -47,9 +69,16 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 def test_killed_process_fails_the_job_instead_of_hanging(tmp_path):
-    launcher = subprocess.Popen(submit(tmp_path, "--target=multiprocess", "--heartbeat_timeout=10",
-                                       "--config.train.steps=100000", *QUICK),
-                                env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        submit(
+            tmp_path, "--target=multiprocess", "--heartbeat_timeout=10", "--config.train.steps=100000", *QUICK
+        ),
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(tmp_path, 2, launcher)
     victim = json.loads((tmp_path / "status.json").read_text())["pids"][1]
     os.kill(victim, signal.SIGKILL)
@@ -69,8 +98,14 @@ def test_killed_process_fails_the_job_instead_of_hanging(tmp_path):
 def test_sigterm_to_one_process_checkpoints_all_at_one_step(tmp_path):
     """Preemption notices reach hosts at different times; every process must still stop at the same step."""
     args = ["--target=multiprocess", "--heartbeat_timeout=20", *QUICK]
-    launcher = subprocess.Popen(submit(tmp_path, "--config.train.steps=100000", *args),
-                                env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        submit(tmp_path, "--config.train.steps=100000", *args),
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(tmp_path, 3, launcher)
     os.kill(json.loads((tmp_path / "status.json").read_text())["pids"][1], signal.SIGTERM)
     _, err = launcher.communicate(timeout=120)
@@ -80,7 +115,13 @@ def test_sigterm_to_one_process_checkpoints_all_at_one_step(tmp_path):
     assert saved[0] == saved[1], saved
     # the same command resumes from there
     step = int(saved[0])
-    rerun = subprocess.run(submit(tmp_path, f"--config.train.steps={step + 2}", *args), env=ENV, cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        submit(tmp_path, f"--config.train.steps={step + 2}", *args),
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert max(curve(tmp_path)) == step + 2

@@ -27,8 +27,11 @@ from jaxpar.train.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=0"]
 CPU8 = ["--env=XLA_FLAGS=--xla_force_host_platform_device_count=8", "--env=JAX_PLATFORMS=cpu"]
-CPU4 = ["--env=XLA_FLAGS=--xla_force_host_platform_device_count=4", "--env=JAX_PLATFORMS=cpu",
-        "--env=JAXPAR_HEARTBEAT_TIMEOUT=30"]
+CPU4 = [
+    "--env=XLA_FLAGS=--xla_force_host_platform_device_count=4",
+    "--env=JAX_PLATFORMS=cpu",
+    "--env=JAXPAR_HEARTBEAT_TIMEOUT=30",
+]
 
 
 def test_sbatch_script_is_valid_bash_with_the_requested_resources(tmp_path):
@@ -36,17 +39,45 @@ def test_sbatch_script_is_valid_bash_with_the_requested_resources(tmp_path):
     from jaxpar.launch.distributed import _visible_gpu_ids
     from jaxpar.launch.job import Job
 
-    jobs = [Job(os.path.join(ROOT, "experiments", "train_lm.py"), os.path.join(ROOT, "configs", "lm.py:llama_1b"),
-                str(tmp_path / f"lr={lr}"), {"optimizer.learning_rate": lr}) for lr in (1e-4, 3e-4)]
-    options = slurm.SlurmOptions(nodes=4, tasks_per_node=8, gpus_per_task=1, cpus_per_task=12, time="2-00:00:00",
-                                 partition="h100", account="lab", signal_grace=300, max_parallel=1,
-                                 extra_sbatch=("--mem=0",), setup=("module load cuda/12.4",))
+    jobs = [
+        Job(
+            os.path.join(ROOT, "experiments", "train_lm.py"),
+            os.path.join(ROOT, "configs", "lm.py:llama_1b"),
+            str(tmp_path / f"lr={lr}"),
+            {"optimizer.learning_rate": lr},
+        )
+        for lr in (1e-4, 3e-4)
+    ]
+    options = slurm.SlurmOptions(
+        nodes=4,
+        tasks_per_node=8,
+        gpus_per_task=1,
+        cpus_per_task=12,
+        time="2-00:00:00",
+        partition="h100",
+        account="lab",
+        signal_grace=300,
+        max_parallel=1,
+        extra_sbatch=("--mem=0",),
+        setup=("module load cuda/12.4",),
+    )
     script = slurm.render_script(jobs, options, str(tmp_path / "slurm" / "%A_%a.out"))
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-task=1",
-                 "#SBATCH --cpus-per-task=12", "#SBATCH --time=2-00:00:00", "#SBATCH --partition=h100",
-                 "#SBATCH --account=lab", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
-                 "#SBATCH --array=0-1%1", "#SBATCH --mem=0", "module load cuda/12.4",
-                 "export JAXPAR_LOCAL_DEVICES=visible", "OVERRIDES=(--config.optimizer.learning_rate=0.0003)"):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-task=1",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --partition=h100",
+        "#SBATCH --account=lab",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --array=0-1%1",
+        "#SBATCH --mem=0",
+        "module load cuda/12.4",
+        "export JAXPAR_LOCAL_DEVICES=visible",
+        "OVERRIDES=(--config.optimizer.learning_rate=0.0003)",
+    ):
         assert line in script, line
     (tmp_path / "job.sbatch").write_text(script)
     subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], check=True)
@@ -59,7 +90,9 @@ def test_sbatch_script_is_valid_bash_with_the_requested_resources(tmp_path):
 def _skip_reason():
     missing = missing_binaries()
     if missing:
-        return f"Slurm/munge binaries not installed ({', '.join(missing)}); .ci/run installs slurm-wlm and munge"
+        return (
+            f"Slurm/munge binaries not installed ({', '.join(missing)}); .ci/run installs slurm-wlm and munge"
+        )
     if os.geteuid() != 0:
         return "slurmd must run as root to start jobs"
     return None
@@ -84,12 +117,26 @@ def cluster(tmp_path_factory):
 
 
 def launch(cluster, script, workdir, *args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), "--target=slurm",
-                             "--config=configs/lm.py:smoke", f"--workdir={workdir}", "--time=10", *args],
-                            env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", script),
+            "--target=slurm",
+            "--config=configs/lm.py:smoke",
+            f"--workdir={workdir}",
+            "--time=10",
+            *args,
+        ],
+        env=cluster.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    return next(line.split()[2].rstrip(";") for line in result.stdout.splitlines()
-                if line.startswith("submitted job"))
+    return next(
+        line.split()[2].rstrip(";") for line in result.stdout.splitlines() if line.startswith("submitted job")
+    )
 
 
 def wait_until(predicate, timeout, what, cluster):
@@ -114,36 +161,61 @@ def test_slurm_sweep_distributed_job_and_requeue(cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
     array = launch(cluster, "sweep.py", sweep_dir, "--sweep=tiny", *CPU8, "--config.train.steps=4", *QUICK)
     dist_dir = tmp_path / "dist"
-    dist = launch(cluster, "submit.py", dist_dir, "--tasks_per_node=2", *CPU4, "--config.train.steps=4", *QUICK)
+    dist = launch(
+        cluster, "submit.py", dist_dir, "--tasks_per_node=2", *CPU4, "--config.train.steps=4", *QUICK
+    )
 
     script = (dist_dir / "job.sbatch").read_text()
-    for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
-                 "#SBATCH --time=10", "export JAXPAR_DISTRIBUTED=1", "srun --kill-on-bad-exit=1"):
+    for line in (
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --time=10",
+        "export JAXPAR_DISTRIBUTED=1",
+        "srun --kill-on-bad-exit=1",
+    ):
         assert line in script, line
     assert "#SBATCH --array=0-1" in (sweep_dir / "sweep.sbatch").read_text()
 
     # 2. preempt once training runs: SIGTERM -> checkpoint -> exit 0; Slurm requeues with a BeginTime ~2 min
     #    away, which we bring forward
-    wait_until(lambda: len(logged_steps(preempt_dir)) >= 3, 300, "job to preempt never reached step 3", cluster)
+    wait_until(
+        lambda: len(logged_steps(preempt_dir)) >= 3, 300, "job to preempt never reached step 3", cluster
+    )
     cluster.scontrol("requeue", preempt)
-    wait_until(lambda: slurm.job_states(preempt, cluster.env)[preempt][0] == "PENDING", 120,
-               "requeued job never became PENDING", cluster)
+    wait_until(
+        lambda: slurm.job_states(preempt, cluster.env)[preempt][0] == "PENDING",
+        120,
+        "requeued job never became PENDING",
+        cluster,
+    )
     status = json.loads((preempt_dir / "status.json").read_text())
     assert status["state"] == "stopped" and status["exit_code"] == 0, status
     cluster.scontrol("update", f"JobId={preempt}", "StartTime=now")
 
     # 3. everything finishes
     def all_done():
-        states = {**slurm.job_states(preempt, cluster.env), **slurm.job_states(array, cluster.env),
-                  **slurm.job_states(dist, cluster.env)}
-        return len(states) == 4 and all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-                                        for s, _ in states.values())
+        states = {
+            **slurm.job_states(preempt, cluster.env),
+            **slurm.job_states(array, cluster.env),
+            **slurm.job_states(dist, cluster.env),
+        }
+        return len(states) == 4 and all(
+            s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for s, _ in states.values()
+        )
 
     wait_until(all_done, 420, "jobs did not finish", cluster)
-    states = {**slurm.job_states(preempt, cluster.env), **slurm.job_states(array, cluster.env),
-              **slurm.job_states(dist, cluster.env)}
-    assert states == {preempt: ("COMPLETED", "0:0"), f"{array}_0": ("COMPLETED", "0:0"),
-                      f"{array}_1": ("COMPLETED", "0:0"), dist: ("COMPLETED", "0:0")}, states
+    states = {
+        **slurm.job_states(preempt, cluster.env),
+        **slurm.job_states(array, cluster.env),
+        **slurm.job_states(dist, cluster.env),
+    }
+    assert states == {
+        preempt: ("COMPLETED", "0:0"),
+        f"{array}_0": ("COMPLETED", "0:0"),
+        f"{array}_1": ("COMPLETED", "0:0"),
+        dist: ("COMPLETED", "0:0"),
+    }, states
 
     # the preempted job: checkpointed at step N, resumed from N, every step logged once
     log = (preempt_dir / f"slurm-{preempt}.out").read_text(errors="replace")
@@ -169,6 +241,11 @@ def test_slurm_sweep_distributed_job_and_requeue(cluster, tmp_path):
         assert "training exited with code 0" in (point / "slurm.out").read_text(errors="replace")
     manifest = json.loads((sweep_dir / "manifest.json").read_text())
     assert manifest["slurm"]["job_id"] == array and len(manifest["points"]) == 2
-    collected = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "collect.py"), str(sweep_dir)],
-                               env=cluster.env, capture_output=True, text=True, timeout=120)
+    collected = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "collect.py"), str(sweep_dir)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert collected.returncode == 0 and "2 runs: 2 completed" in collected.stdout, collected.stdout

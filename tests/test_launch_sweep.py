@@ -18,8 +18,13 @@ LM_CONFIG = os.path.join(ROOT, "configs", "lm.py")
 
 
 def script(name, *args, check=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args], capture_output=True,
-                            text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", name), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -27,11 +32,19 @@ def script(name, *args, check=True):
 
 def test_product_zip_chain():
     assert product({"a": [1, 2], "b": ["x", "y"]}) == [
-        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+        {"a": 1, "b": "x"},
+        {"a": 1, "b": "y"},
+        {"a": 2, "b": "x"},
+        {"a": 2, "b": "y"},
+    ]
     assert zip_({"a": [1, 2], "b": [3, 4]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
     # a zip inside a product moves its keys together
     assert product({"s": [0, 1]}, zip_({"a": [1, 2], "b": [3, 4]})) == [
-        {"s": 0, "a": 1, "b": 3}, {"s": 0, "a": 2, "b": 4}, {"s": 1, "a": 1, "b": 3}, {"s": 1, "a": 2, "b": 4}]
+        {"s": 0, "a": 1, "b": 3},
+        {"s": 0, "a": 2, "b": 4},
+        {"s": 1, "a": 1, "b": 3},
+        {"s": 1, "a": 2, "b": 4},
+    ]
     assert chain(product({"a": [1]}), product({"b": [2]})) == [{"a": 1}, {"b": 2}]
     with pytest.raises(LaunchError, match="equal length"):
         zip_({"a": [1, 2], "b": [3]})
@@ -51,10 +64,19 @@ def test_point_names_are_readable_unique_and_safe():
 
 
 def test_overrides_format_back_to_flags_and_are_checked():
-    assert override_flags({"optimizer.learning_rate": 1e-3, "model.remat": "full", "model.tie_embeddings": True,
-                           "train.steps": 5}) == [
-        "--config.optimizer.learning_rate=0.001", "--config.model.remat=full",
-        "--config.model.tie_embeddings=True", "--config.train.steps=5"]
+    assert override_flags(
+        {
+            "optimizer.learning_rate": 1e-3,
+            "model.remat": "full",
+            "model.tie_embeddings": True,
+            "train.steps": 5,
+        }
+    ) == [
+        "--config.optimizer.learning_rate=0.001",
+        "--config.model.remat=full",
+        "--config.model.tie_embeddings=True",
+        "--config.train.steps=5",
+    ]
     from configs import lm
 
     config = lm.get_config("smoke")
@@ -81,29 +103,55 @@ def test_lm_sweeps_expand_and_fit_the_config():
 
 
 def test_sweep_script_dry_run_writes_manifest(tmp_path):
-    out = script("sweep.py", f"--config={LM_CONFIG}:smoke", "--sweep=lr_x_seed", f"--workdir={tmp_path}",
-                 "--dry_run", "--config.train.steps=5").stdout
+    out = script(
+        "sweep.py",
+        f"--config={LM_CONFIG}:smoke",
+        "--sweep=lr_x_seed",
+        f"--workdir={tmp_path}",
+        "--dry_run",
+        "--config.train.steps=5",
+    ).stdout
     manifest = read_manifest(str(tmp_path))
     assert manifest["sweep"] == "lr_x_seed" and manifest["common_overrides"] == {"train.steps": 5}
     names = [p["name"] for p in manifest["points"]]
-    assert names == ["learning_rate=0.001,seed=0", "learning_rate=0.001,seed=1", "learning_rate=0.003,seed=0",
-                     "learning_rate=0.003,seed=1"]
+    assert names == [
+        "learning_rate=0.001,seed=0",
+        "learning_rate=0.001,seed=1",
+        "learning_rate=0.003,seed=0",
+        "learning_rate=0.003,seed=1",
+    ]
     assert manifest["points"][3]["overrides"] == {"optimizer.learning_rate": 0.003, "train.seed": 1}
     # the command each point would run: the experiment's own syntax
-    assert f"--workdir={tmp_path}/learning_rate=0.003,seed=1 --config.train.steps=5 " \
-           "--config.optimizer.learning_rate=0.003 --config.train.seed=1" in out
+    assert (
+        f"--workdir={tmp_path}/learning_rate=0.003,seed=1 --config.train.steps=5 "
+        "--config.optimizer.learning_rate=0.003 --config.train.seed=1" in out
+    )
 
 
 def test_sweep_script_rejects_bad_input(tmp_path):
-    result = script("sweep.py", f"--config={LM_CONFIG}:smoke", "--sweep=lr", f"--workdir={tmp_path}",
-                    "--dry_run", "--config.optimizer.learning_rate=0.1", check=False)
+    result = script(
+        "sweep.py",
+        f"--config={LM_CONFIG}:smoke",
+        "--sweep=lr",
+        f"--workdir={tmp_path}",
+        "--dry_run",
+        "--config.optimizer.learning_rate=0.1",
+        check=False,
+    )
     assert result.returncode != 0 and "also given on the command line" in result.stderr
-    result = script("submit.py", f"--config={LM_CONFIG}:smoke", f"--workdir={tmp_path}", "--dry_run",
-                    "--config.train.stepz=3", check=False)
+    result = script(
+        "submit.py",
+        f"--config={LM_CONFIG}:smoke",
+        f"--workdir={tmp_path}",
+        "--dry_run",
+        "--config.train.stepz=3",
+        check=False,
+    )
     assert result.returncode != 0 and "stepz" in result.stderr  # config_flags names the unknown key
 
 
 # --- collection ---------------------------------------------------------------------------------------
+
 
 def fabricate(run_dir, steps, total, losses, status=None, throughput=1000.0, torn=False, config=True):
     os.makedirs(run_dir, exist_ok=True)
@@ -124,20 +172,34 @@ def fabricate(run_dir, steps, total, losses, status=None, throughput=1000.0, tor
 def sweep_dir(tmp_path):
     runs = {
         "lr=0.001": dict(steps=[1, 5, 10], total=10, losses=[5.0, 3.0, 2.5], status={"state": "exited"}),
-        "lr=0.003": dict(steps=[1, 5, 10], total=10, losses=[5.0, 2.0, 2.2], throughput=2000.0,
-                         status={"state": "exited", "exit_code": 0}),
-        "lr=0.01": dict(steps=[1, 5], total=10, losses=[5.0, 9.0], status={"state": "failed", "exit_code": 1},
-                        torn=True),
-        "lr=0.03": dict(steps=[1, 5], total=10, losses=[5.0, 4.0], status={"state": "stopped", "exit_code": 0}),
+        "lr=0.003": dict(
+            steps=[1, 5, 10],
+            total=10,
+            losses=[5.0, 2.0, 2.2],
+            throughput=2000.0,
+            status={"state": "exited", "exit_code": 0},
+        ),
+        "lr=0.01": dict(
+            steps=[1, 5], total=10, losses=[5.0, 9.0], status={"state": "failed", "exit_code": 1}, torn=True
+        ),
+        "lr=0.03": dict(
+            steps=[1, 5], total=10, losses=[5.0, 4.0], status={"state": "stopped", "exit_code": 0}
+        ),
         "lr=0.1": dict(steps=[1, 5], total=10, losses=[5.0, 4.5]),  # no status: died without a word
     }
     points = []
     for name, spec in runs.items():
         fabricate(tmp_path / name, **spec)
-        points.append({"name": name, "workdir": str(tmp_path / name),
-                       "overrides": {"optimizer.learning_rate": float(name.split("=")[1])}})
-    points.append({"name": "lr=0.3", "workdir": str(tmp_path / "lr=0.3"),
-                   "overrides": {"optimizer.learning_rate": 0.3}})  # never started: no folder at all
+        points.append(
+            {
+                "name": name,
+                "workdir": str(tmp_path / name),
+                "overrides": {"optimizer.learning_rate": float(name.split("=")[1])},
+            }
+        )
+    points.append(
+        {"name": "lr=0.3", "workdir": str(tmp_path / "lr=0.3"), "overrides": {"optimizer.learning_rate": 0.3}}
+    )  # never started: no folder at all
     with open(tmp_path / "manifest.json", "w") as f:
         json.dump({"config": "configs/lm.py:smoke", "sweep": "lr", "points": points}, f)
     return tmp_path
@@ -148,8 +210,13 @@ def test_collect_keeps_failed_and_unfinished_runs(sweep_dir):
     by_name = {r.name: r for r in runs}
     assert [r.name for r in runs] == ["lr=0.001", "lr=0.003", "lr=0.01", "lr=0.03", "lr=0.1", "lr=0.3"]
     assert {n: r.status for n, r in by_name.items()} == {
-        "lr=0.001": "completed", "lr=0.003": "completed", "lr=0.01": "failed", "lr=0.03": "stopped",
-        "lr=0.1": "unfinished", "lr=0.3": "not started"}
+        "lr=0.001": "completed",
+        "lr=0.003": "completed",
+        "lr=0.01": "failed",
+        "lr=0.03": "stopped",
+        "lr=0.1": "unfinished",
+        "lr=0.3": "not started",
+    }
     assert by_name["lr=0.003"].final == 2.2 and by_name["lr=0.003"].best == 2.0
     assert by_name["lr=0.003"].throughput == 2000.0
     assert by_name["lr=0.01"].last_step == 5 and "exit 1" in by_name["lr=0.01"].detail  # torn line skipped
@@ -160,8 +227,14 @@ def test_collect_keeps_failed_and_unfinished_runs(sweep_dir):
     assert "| lr=0.01 | **failed** | exit 1 at step 5/10 | 5 | loss | 9 | 5 |" in table
     with open(outputs["csv"]) as f:
         rows = list(csv.DictReader(f))
-    assert [r["status"] for r in rows] == ["completed", "completed", "failed", "stopped", "unfinished",
-                                          "not started"]
+    assert [r["status"] for r in rows] == [
+        "completed",
+        "completed",
+        "failed",
+        "stopped",
+        "unfinished",
+        "not started",
+    ]
     assert json.loads(rows[2]["overrides"]) == {"optimizer.learning_rate": 0.01}
     assert os.path.getsize(outputs["plot"]) > 10_000
 

@@ -15,7 +15,11 @@ def test_resume_drops_a_torn_last_line_and_the_steps_past_the_checkpoint(tmp_pat
     writer = MetricsWriter(str(tmp_path), resume_step=2)
     writer.write(3, {"loss": 0.5})
     writer.close()
-    assert read_metrics(str(path)) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.5}]
+    assert read_metrics(str(path)) == [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 0.5},
+        {"step": 3, "loss": 0.5},
+    ]
 
 
 def test_a_corrupt_line_before_the_end_is_an_error(tmp_path):

@@ -12,19 +12,20 @@ import pytest
 from jaxpar.config import MeshConfig, MoEConfig
 from jaxpar.models import moe as moe_lib
 from jaxpar.parallel import moe as dispatch
-from jaxpar.parallel.mesh import make_mesh
-from jaxpar.train import state as state_lib, step as step_lib
-from lm_testing import OPT, TINY, assert_grads_close, packed_batch, single_device_mesh
+from jaxpar.train import build as build_lib, optimizer as optimizer_lib, step as step_lib
+from lm_testing import OPT, TINY, assert_grads_close, config_mesh, packed_batch, single_device_mesh
 
 MOE_TINY = dataclasses.replace(TINY, n_heads=4, n_kv_heads=2, moe=MoEConfig(experts=8, top_k=2, d_ff=32))
 
 
 def loss_and_grads(model_cfg, mesh):
-    tx = state_lib.make_optimizer(OPT, 10)
-    graphdef, state, shardings = state_lib.init_state(model_cfg, tx, mesh, seed=0)
+    tx = optimizer_lib.make_optimizer(OPT, 10)
+    graphdef, state, shardings = build_lib.init_state(model_cfg, tx, mesh, seed=0)
     with jax.set_mesh(mesh):
         fn = jax.jit(lambda p, b: step_lib.loss_and_grads(p, graphdef, b, 1, shardings.params))
-        loss, grads, _, stats = fn(state.params, jax.device_put(packed_batch(0), step_lib.batch_sharding(mesh)))
+        loss, grads, _, stats = fn(
+            state.params, jax.device_put(packed_batch(0), step_lib.batch_sharding(mesh))
+        )
     return float(loss), jax.tree.map(np.asarray, grads), jax.tree.map(np.asarray, stats)
 
 
@@ -33,19 +34,25 @@ def reference(model_cfg):
     return loss_and_grads(model_cfg, single_device_mesh())
 
 
-@pytest.mark.parametrize("mesh_config, capacity_factor, shared", [
-    (MeshConfig(data=1, expert=8), 0.0, 0),
-    (MeshConfig(data=2, expert=4), 0.0, 1),
-    (MeshConfig(data=4, expert=2), 0.0, 0),
-    (MeshConfig(data=2, expert=2, tensor=2), 0.0, 0),
-    (MeshConfig(data=1, fsdp=2, expert=4), 0.0, 0),
-    (MeshConfig(data=2, expert=4), 8.0, 0),  # capacity large enough that nothing drops
-], ids=["ep8", "dp2_ep4_shared", "dp4_ep2", "dp2_ep2_tp2", "fsdp2_ep4", "ep4_capacity"])
+@pytest.mark.parametrize(
+    "mesh_config, capacity_factor, shared",
+    [
+        (MeshConfig(data=1, expert=8), 0.0, 0),
+        (MeshConfig(data=2, expert=4), 0.0, 1),
+        (MeshConfig(data=4, expert=2), 0.0, 0),
+        (MeshConfig(data=2, expert=2, tensor=2), 0.0, 0),
+        (MeshConfig(data=1, fsdp=2, expert=4), 0.0, 0),
+        (MeshConfig(data=2, expert=4), 8.0, 0),  # capacity large enough that nothing drops
+    ],
+    ids=["ep8", "dp2_ep4_shared", "dp4_ep2", "dp2_ep2_tp2", "fsdp2_ep4", "ep4_capacity"],
+)
 def test_expert_parallel_matches_single_device(mesh_config, capacity_factor, shared):
-    cfg = dataclasses.replace(MOE_TINY, moe=dataclasses.replace(
-        MOE_TINY.moe, capacity_factor=capacity_factor, shared_experts=shared))
+    cfg = dataclasses.replace(
+        MOE_TINY,
+        moe=dataclasses.replace(MOE_TINY.moe, capacity_factor=capacity_factor, shared_experts=shared),
+    )
     want_loss, want_grads, want_stats = reference(cfg)
-    loss, grads, stats = loss_and_grads(cfg, make_mesh(mesh_config))
+    loss, grads, stats = loss_and_grads(cfg, config_mesh(mesh_config))
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     assert_grads_close(grads, want_grads)
     for key in ("aux_loss", "z_loss", "tokens_per_expert"):
@@ -94,11 +101,13 @@ def random_layer(seed, N=24, D=8, E=4, F=6, skew=None):
 def test_dropped_tokens_match_explicit_reference(capacity_factor):
     x, router, weights = random_layer(1)
     cfg = MoEConfig(experts=4, top_k=2, capacity_factor=capacity_factor)
-    y, stats = moe_lib.moe_local(jnp.asarray(x), jnp.asarray(router), jnp.zeros(4), *map(jnp.asarray, weights),
-                                 cfg=cfg)
+    y, stats = moe_lib.moe_local(
+        jnp.asarray(x), jnp.asarray(router), jnp.zeros(4), *map(jnp.asarray, weights), cfg=cfg
+    )
     expert_NK, weight_NK, _ = moe_lib.route(jnp.asarray(x) @ jnp.asarray(router), jnp.zeros(4), cfg)
-    want_y, kept = numpy_moe(x, np.asarray(expert_NK), np.asarray(weight_NK), weights,
-                             capacity=moe_lib.capacity(cfg, x.shape[0]))
+    want_y, kept = numpy_moe(
+        x, np.asarray(expert_NK), np.asarray(weight_NK), weights, capacity=moe_lib.capacity(cfg, x.shape[0])
+    )
     np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(stats["dropped_fraction"]), 1 - kept.mean(), rtol=1e-6)
     if capacity_factor < 1:
@@ -123,12 +132,17 @@ def test_dropless_skewed_routing_loses_no_token(ep):
     if ep == 1:
         y, stats = moe_lib.moe_local(*args, cfg=cfg)
     else:
-        mesh = make_mesh(MeshConfig(data=1, expert=ep))
+        mesh = config_mesh(MeshConfig(data=1, expert=ep))
         P = jax.sharding.PartitionSpec
         layer = functools.partial(moe_lib.moe_local, cfg=cfg, expert_axis="expert", token_axes=("expert",))
-        y, stats = jax.jit(jax.shard_map(
-            layer, mesh=mesh, in_specs=(P("expert"), P(), P(), P("expert"), P("expert"), P("expert")),
-            out_specs=(P("expert"), P())))(*args)
+        y, stats = jax.jit(
+            jax.shard_map(
+                layer,
+                mesh=mesh,
+                in_specs=(P("expert"), P(), P(), P("expert"), P("expert"), P("expert")),
+                out_specs=(P("expert"), P()),
+            )
+        )(*args)
     np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-5)
     assert float(stats["tokens_per_expert"][2]) == x.shape[0]
     assert float(stats["dropped_fraction"]) == 0

@@ -27,10 +27,9 @@ import optax
 import pytest
 from jax.sharding import AxisType
 
-from jaxpar.config import MESH_AXES, ConfigError, ModelConfig, MoEConfig
-from jaxpar.config import PipelineConfig
-from jaxpar.parallel.pipeline import pipelined_loss_and_grads
-from jaxpar.train import state as state_lib, step as step_lib
+from jaxpar.config import MESH_AXES, ConfigError, ModelConfig, MoEConfig, PipelineConfig
+from jaxpar.train import build as build_lib, optimizer as optimizer_lib, step as step_lib
+from jaxpar.train.pipeline import pipelined_loss_and_grads
 from lm_testing import OPT, assert_grads_close, packed_batch, single_device_mesh
 
 # LLVM's expensive passes double the compile time of the (large) pipelined program on CPU and do not
@@ -57,9 +56,17 @@ class Case:
 
     @property
     def model(self) -> ModelConfig:
-        return ModelConfig(vocab_size=64, d_model=32, n_layers=self.P * self.V * self.layers_per_chunk,
-                           n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, tie_embeddings=self.tie_embeddings,
-                           remat=self.remat)
+        return ModelConfig(
+            vocab_size=64,
+            d_model=32,
+            n_layers=self.P * self.V * self.layers_per_chunk,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=8,
+            d_ff=64,
+            tie_embeddings=self.tie_embeddings,
+            remat=self.remat,
+        )
 
     @property
     def pipeline(self) -> PipelineConfig:
@@ -69,14 +76,16 @@ class Case:
 CASES = {
     "gpipe_p2_m2_dp2_tp2": Case("gpipe", 2, 1, 2, data=2, tensor=2),
     "gpipe_p4_v2_m16_dp2": Case("gpipe", 4, 2, 16, data=2),
-    "1f1b_p2_m4_dp2_tp2_tied_2layers": Case("1f1b", 2, 1, 4, data=2, tensor=2, layers_per_chunk=2,
-                                            tie_embeddings=True),
+    "1f1b_p2_m4_dp2_tp2_tied_2layers": Case(
+        "1f1b", 2, 1, 4, data=2, tensor=2, layers_per_chunk=2, tie_embeddings=True
+    ),
     "1f1b_p4_m4_dp2": Case("1f1b", 4, 1, 4, data=2),
     "interleaved_p2_v2_m8_dp2_tp2": Case("interleaved_1f1b", 2, 2, 8, data=2, tensor=2),
     "interleaved_p4_v2_m8_tp2": Case("interleaved_1f1b", 4, 2, 8, tensor=2),
     "interleaved_p2_v2_m4_split_dp4": Case("interleaved_1f1b", 2, 2, 4, data=4, split_backward=True),
-    "zero_bubble_p2_m2_fsdp2_tp2_remat": Case("zero_bubble", 2, 1, 2, fsdp=2, tensor=2, layers_per_chunk=2,
-                                              remat="full"),
+    "zero_bubble_p2_m2_fsdp2_tp2_remat": Case(
+        "zero_bubble", 2, 1, 2, fsdp=2, tensor=2, layers_per_chunk=2, remat="full"
+    ),
     "zero_bubble_p4_m16_dp2_tied": Case("zero_bubble", 4, 1, 16, data=2, tie_embeddings=True),
 }
 TRAINED = ["1f1b_p2_m4_dp2_tp2_tied_2layers", "zero_bubble_p4_m16_dp2_tied", "interleaved_p4_v2_m8_tp2"]
@@ -94,8 +103,8 @@ def reference_setup(model: ModelConfig):
     """(mesh, optimizer, parameters, jitted loss-and-grads) of the single-device run every case is
     compared with; the pipelined runs start from these same parameters."""
     mesh = single_device_mesh()
-    tx = state_lib.make_optimizer(OPT, STEPS)
-    graphdef, state, shardings = state_lib.init_state(model, tx, mesh, seed=0)
+    tx = optimizer_lib.make_optimizer(OPT, STEPS)
+    graphdef, state, shardings = build_lib.init_state(model, tx, mesh, seed=0)
 
     def fn(params, batch):
         return step_lib.loss_and_grads(params, graphdef, batch, 1, shardings.params)[:2]
@@ -110,14 +119,15 @@ def pipelined_setup(name: str):
     case = CASES[name]
     mesh = pipeline_mesh(case)
     _, tx, ref_params, _ = reference_setup(case.model)
-    graphdef, _, shardings = state_lib.abstract_state(case.model, tx, mesh)
+    graphdef, _, shardings = build_lib.abstract_state(case.model, tx, mesh)
     param_shardings = shardings.params  # the rules store the layers split over the pipeline axis
     params = jax.device_put(ref_params, param_shardings)
     batch_sharding = step_lib.batch_sharding(mesh)
 
     def fn(params, batch):
-        return pipelined_loss_and_grads(params, graphdef, batch, mesh=mesh, pipeline_cfg=case.pipeline,
-                                        grad_shardings=param_shardings)[:2]
+        return pipelined_loss_and_grads(
+            params, graphdef, batch, mesh=mesh, pipeline_cfg=case.pipeline, grad_shardings=param_shardings
+        )[:2]
 
     with jax.set_mesh(mesh):
         grads_fn = jax.jit(fn, in_shardings=(param_shardings, batch_sharding), compiler_options=FAST_COMPILE)
@@ -175,22 +185,50 @@ MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads
 MESH = {"pipeline": 2, "data": 2, "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 2}
 
 
-@pytest.mark.parametrize("pipeline_cfg,model,mesh,batch,match", [
-    (PipelineConfig("1f1b", 4), dataclasses.replace(MODEL, n_layers=3), MESH, 16,
-     r"model.n_layers=3 is not divisible by mesh.pipeline\*pipeline.virtual_stages=2\*1"),
-    (PipelineConfig("interleaved_1f1b", 4, 2), dataclasses.replace(MODEL, n_layers=6), MESH, 16,
-     r"n_layers=6 is not divisible by .*=2\*2=4"),
-    (PipelineConfig("1f1b", 1), MODEL, MESH, 16, r"pipeline.microbatches=1 < mesh.pipeline=2"),
-    (PipelineConfig("zero_bubble", 1), MODEL, MESH, 16, r"microbatches=1 < mesh.pipeline=2"),
-    (PipelineConfig("interleaved_1f1b", 3, 2), MODEL, MESH, 12, r"not a multiple of mesh.pipeline=2"),
-    (PipelineConfig("gpipe", 3), MODEL, MESH, 16,
-     r"global_batch=16 is not divisible by pipeline.microbatches=3"),
-    (PipelineConfig("gpipe", 4), MODEL, MESH, 4, r"not divisible by mesh.data\*mesh.fsdp=2"),
-    (PipelineConfig("gpipe", 2), dataclasses.replace(MODEL, vocab_size=66), MESH, 16,
-     r"vocab_size=66 is not divisible by mesh.pipeline\*mesh.tensor=4"),
-    (PipelineConfig("gpipe", 2), dataclasses.replace(MODEL, moe=MoEConfig(experts=4)), MESH, 16,
-     "dense blocks"),
-])
+@pytest.mark.parametrize(
+    "pipeline_cfg,model,mesh,batch,match",
+    [
+        (
+            PipelineConfig("1f1b", 4),
+            dataclasses.replace(MODEL, n_layers=3),
+            MESH,
+            16,
+            r"model.n_layers=3 is not divisible by mesh.pipeline\*pipeline.virtual_stages=2\*1",
+        ),
+        (
+            PipelineConfig("interleaved_1f1b", 4, 2),
+            dataclasses.replace(MODEL, n_layers=6),
+            MESH,
+            16,
+            r"n_layers=6 is not divisible by .*=2\*2=4",
+        ),
+        (PipelineConfig("1f1b", 1), MODEL, MESH, 16, r"pipeline.microbatches=1 < mesh.pipeline=2"),
+        (PipelineConfig("zero_bubble", 1), MODEL, MESH, 16, r"microbatches=1 < mesh.pipeline=2"),
+        (PipelineConfig("interleaved_1f1b", 3, 2), MODEL, MESH, 12, r"not a multiple of mesh.pipeline=2"),
+        (
+            PipelineConfig("gpipe", 3),
+            MODEL,
+            MESH,
+            16,
+            r"global_batch=16 is not divisible by pipeline.microbatches=3",
+        ),
+        (PipelineConfig("gpipe", 4), MODEL, MESH, 4, r"not divisible by mesh.data\*mesh.fsdp=2"),
+        (
+            PipelineConfig("gpipe", 2),
+            dataclasses.replace(MODEL, vocab_size=66),
+            MESH,
+            16,
+            r"vocab_size=66 is not divisible by mesh.pipeline\*mesh.tensor=4",
+        ),
+        (
+            PipelineConfig("gpipe", 2),
+            dataclasses.replace(MODEL, moe=MoEConfig(experts=4)),
+            MESH,
+            16,
+            "dense blocks",
+        ),
+    ],
+)
 def test_config_errors_are_clear(pipeline_cfg, model, mesh, batch, match):
     with pytest.raises(ConfigError, match=match):
         pipeline_cfg.validate(model, mesh, batch)
@@ -207,7 +245,7 @@ def test_config_rejects_unknown_schedule_and_misused_virtual_stages():
 
 
 def test_drop_in_rejects_gradient_accumulation():
-    from jaxpar.parallel.pipeline import make_pipelined_loss_and_grads
+    from jaxpar.train.pipeline import make_pipelined_loss_and_grads
 
     loss_and_grads = make_pipelined_loss_and_grads(mesh=None, pipeline_cfg=PipelineConfig("gpipe", 4))
     with pytest.raises(ConfigError, match="train.grad_accum_steps=2 with mesh.pipeline>1"):

@@ -10,14 +10,15 @@ import pytest
 
 from jaxpar.parallel import pipeline, schedules
 from jaxpar.parallel.schedules import Action, Schedule, ScheduleError
+from jaxpar.train.costs import expected_ppermute_bytes
 
 
 def grid():
     """Every schedule, P in {2, 4} (and 3, 8 for the formulas), V in {1, 2} (and 3) where the schedule
     takes virtual stages, M in {P, 2P, 4P}, fused and split backward."""
     for name, P, M_factor in itertools.product(schedules.SCHEDULES, (2, 3, 4, 8), (1, 2, 4)):
-        for V in ((1, 2, 3) if name in ("gpipe", "interleaved_1f1b") else (1,)):
-            for split in ((False, True) if name != "zero_bubble" else (True,)):
+        for V in (1, 2, 3) if name in ("gpipe", "interleaved_1f1b") else (1,):
+            for split in (False, True) if name != "zero_bubble" else (True,):
                 yield name, P, V, M_factor * P, split
 
 
@@ -129,8 +130,8 @@ def test_validation_rejects_weight_gradients_without_split_backward_and_w_before
     with pytest.raises(ScheduleError, match="split_backward"):
         dataclasses.replace(s, split_backward=False).validate()
     table = [list(row) for row in s.table]
-    (tb, sb), = [(t, st) for t, st, a in s.actions() if st == 0 and a == Action("B", 1, 0)]
-    (tw, sw), = [(t, st) for t, st, a in s.actions() if st == 0 and a == Action("W", 1, 0)]
+    ((tb, sb),) = [(t, st) for t, st, a in s.actions() if st == 0 and a == Action("B", 1, 0)]
+    ((tw, sw),) = [(t, st) for t, st, a in s.actions() if st == 0 and a == Action("W", 1, 0)]
     table[tb][0], table[tw][0] = table[tw][0], table[tb][0]
     with pytest.raises(ScheduleError, match="needs B1 of global stage 0"):
         _with(s, table).validate()
@@ -219,7 +220,7 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_ppermute_accounting():
     program = pipeline.lower(schedules.make_schedule("gpipe", 4, 8))
-    expected = pipeline.expected_ppermute_bytes(program, act_bytes=100)
+    expected = expected_ppermute_bytes(program, act_bytes=100)
     # GPipe: forwards leave stages 0..2 in ticks 0..9, backwards leave stages 3..1 in ticks 11..20.
     assert expected["forward"] == expected["backward"] == 10 * 100
     assert expected["useful"] == 2 * 8 * 3 * 100 / 4

@@ -54,19 +54,24 @@ def test_same_metrics_on_1_and_8_devices():
     policy weights sharded over fsdp), up to float reduction order."""
     run = smoke(train=dict(num_seeds=2, total_env_steps=64 * 25 * 3))
     _, one, params_one = _metrics_and_params(run, jax.devices()[:1])
-    ppo8, eight, params_eight = _metrics_and_params(dataclasses.replace(run, mesh=MeshConfig(data=4, fsdp=2)),
-                                                    jax.devices())
+    ppo8, eight, params_eight = _metrics_and_params(
+        dataclasses.replace(run, mesh=MeshConfig(data=4, fsdp=2)), jax.devices()
+    )
     assert set(one) == set(eight)
     for key in one:
         np.testing.assert_allclose(one[key], eight[key], rtol=2e-4, atol=2e-5, err_msg=key)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), params_one, params_eight)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), params_one, params_eight
+    )
     assert not np.allclose(one["episode_return"][0], one["episode_return"][0][::-1])  # seeds differ
 
     # Placement: env batch over the batch axes, weights by the logical rules (seed axis unsharded).
     shardings = ppo8.state_shardings
     assert shardings.rollout.obs.spec == P(None, ("data", "fsdp", "expert"))
     flat = jax.tree_util.tree_flatten_with_path(shardings.train.params)[0]
-    kernels = {jax.tree_util.keystr(path): s.spec for path, s in flat if "kernel" in jax.tree_util.keystr(path)}
+    kernels = {
+        jax.tree_util.keystr(path): s.spec for path, s in flat if "kernel" in jax.tree_util.keystr(path)
+    }
     first_layer = next(spec for path, spec in kernels.items() if "actor" in path and "layers" in path)
     assert first_layer == P(None, None, "fsdp"), kernels
 
@@ -91,30 +96,34 @@ def test_resume_continues_identically_and_eval_writes_a_gif(tmp_path):
     shutil.rmtree(tmp_path / "checkpoints" / "8")
     loop.train(run, str(tmp_path))
     resumed = read_metrics(str(tmp_path / "metrics.jsonl"))
-    strip = lambda records: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]  # noqa: E731
+    strip = lambda records: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert strip(resumed) == strip(uninterrupted)  # bitwise: every float written identically
 
     result = loop.evaluate(run, str(tmp_path))
     assert result["checkpoint_update"] == 8 and len(result["return_per_agent"]) == 3
     assert os.path.getsize(tmp_path / "eval.gif") > 1000
-    assert json.loads((tmp_path / "eval.json").read_text())["mean_return"] == pytest.approx(result["mean_return"])
+    assert json.loads((tmp_path / "eval.json").read_text())["mean_return"] == pytest.approx(
+        result["mean_return"]
+    )
 
 
 def test_recurrent_mappo_recomputes_the_rollout_exactly():
     """The recurrent learner unrolls minibatch sequences from their starting carry with the rollout's
     episode resets: at the rollout's parameters it must reproduce the rollout's log-probs and values,
     across an episode boundary (num_steps 30 > 25-step episodes). MAPPO's critic sees the global state."""
-    run = smoke(algo=dict(name="mappo", num_steps=30, num_minibatches=2),
-                network=dict(kind="rnn", hidden=32, agent_id=True),
-                train=dict(total_env_steps=64 * 30 * 2))
+    run = smoke(
+        algo=dict(name="mappo", num_steps=30, num_minibatches=2),
+        network=dict(kind="rnn", hidden=32, agent_id=True),
+        train=dict(total_env_steps=64 * 30 * 2),
+    )
     ppo = loop.build(run, jax.devices()[:1])
     state = jax.tree.map(lambda x: x[0], ppo.init_states())
     params = state.train.params
 
     @jax.jit
     def check(state):
-        sample = lambda k, logits: jax.random.categorical(k, logits).astype(jnp.int32)  # noqa: E731
+        sample = lambda k, logits: jax.random.categorical(k, logits).astype(jnp.int32)
         _, traj = collect(ppo.vec, ppo.policy_step, params, state.rollout, jax.random.key(3), 30, sample)
 
         def step(carry, obs, reset):
@@ -132,14 +141,17 @@ def test_recurrent_mappo_recomputes_the_rollout_exactly():
     assert np.all(np.isfinite(metrics["value_loss"]))
 
 
-@pytest.mark.parametrize("sections, message", [
-    (dict(algo=dict(nmae="ippo")), r"unknown config key\(s\) \['algo.nmae'\]"),
-    (dict(algo=dict(name="qmix")), "algo.name='qmix' is not supported"),
-    (dict(env=dict(num_envs=12)), "env.num_envs=12 is not divisible by .*=8"),
-    (dict(env=dict(kwargs=dict(continuous_actions=True))), "continuous actions"),
-    (dict(network=dict(kind="rnn"), algo=dict(num_minibatches=16)), "multiple of num_minibatches"),
-    (dict(train=dict(total_env_steps=10)), "less than one update"),
-])
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        (dict(algo=dict(nmae="ippo")), r"unknown config key\(s\) \['algo.nmae'\]"),
+        (dict(algo=dict(name="qmix")), "algo.name='qmix' is not supported"),
+        (dict(env=dict(num_envs=12)), "env.num_envs=12 is not divisible by .*=8"),
+        (dict(env=dict(kwargs=dict(continuous_actions=True))), "continuous actions"),
+        (dict(network=dict(kind="rnn"), algo=dict(num_minibatches=16)), "multiple of num_minibatches"),
+        (dict(train=dict(total_env_steps=10)), "less than one update"),
+    ],
+)
 def test_bad_config_fails_before_compiling(sections, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         loop.build(smoke(**sections))

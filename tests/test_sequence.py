@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpar.config import MESH_AXES
 from jaxpar.kernels.attention import attention
 from jaxpar.models import linear_attention as la
 from jaxpar.parallel import ring as ring_lib, sequence as seq
+from jaxpar.parallel.mesh import make_mesh
+from jaxpar.parallel.per_device import per_device
 from lm_testing import packed_batch
 
 B, T, N, K, H = 4, 32, 8, 4, 8
@@ -26,19 +27,23 @@ TOL = 2e-6  # max |got - want| / max |want|, fp32
 
 
 def mesh_of(**sizes):
-    shape = tuple(sizes.get(axis, 1) for axis in MESH_AXES)
-    count = int(np.prod(shape))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=jax.devices()[:count])
+    return make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
 
 
 def inputs(seed=0):
     rng = np.random.default_rng(seed)
-    normal = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
     rows = packed_batch(seed, batch=B, length=T)
     log_decay = (jax.nn.log_sigmoid(normal(B, T, K) + 2.0) / 4.0).astype(np.float32)
-    return dict(q=normal(B, T, N, H), k=normal(B, T, K, H), v=normal(B, T, K, H), g=np.asarray(log_decay),
-                seg=rows["segment_ids"], pos=rows["positions"], ct=normal(B, T, N, H))
+    return dict(
+        q=normal(B, T, N, H),
+        k=normal(B, T, K, H),
+        v=normal(B, T, K, H),
+        g=np.asarray(log_decay),
+        seg=rows["segment_ids"],
+        pos=rows["positions"],
+        ct=normal(B, T, N, H),
+    )
 
 
 def value_and_vjp(fn, args, ct):
@@ -58,7 +63,8 @@ def check_parity(local_fn, reference_fn, names, mesh, zigzag, x):
     z = {key: seq.to_zigzag(value, zigzag) for key, value in x.items()}
     with jax.set_mesh(mesh):
         out, grads = jax.jit(lambda *a: value_and_vjp(lambda *b: local_fn(*b, z), a, z["ct"]))(
-            *(z[n] for n in names))
+            *(z[n] for n in names)
+        )
     assert_close(seq.from_zigzag(np.asarray(out), zigzag), want_out, "output")
     for name, got, want in zip(names, grads, want_grads):
         assert_close(seq.from_zigzag(np.asarray(got), zigzag), want, f"d{name}")
@@ -101,8 +107,9 @@ def test_attention_matches_single_device(name):
         return attention(q, k, v, segment_ids=x["seg"], implementation="xla", **mask)
 
     def parallel(q, k, v, z):
-        return seq.sequence_attention(q, k, v, segment_ids=z["seg"], variant=variant, implementation="xla",
-                                      **options)
+        return seq.sequence_attention(
+            q, k, v, segment_ids=z["seg"], variant=variant, implementation="xla", **options
+        )
 
     check_parity(parallel, reference, "qkv", mesh_of(**sizes), layout_of(variant, sizes, options), x)
 
@@ -116,8 +123,9 @@ def test_ring_with_given_mask_positions():
         return attention(q, k, v, segment_ids=x["seg"], positions=x["pos"], implementation="xla")
 
     def parallel(q, k, v, z):
-        return seq.sequence_attention(q, k, v, segment_ids=z["seg"], positions=z["pos"], variant="ring",
-                                      implementation="xla")
+        return seq.sequence_attention(
+            q, k, v, segment_ids=z["seg"], positions=z["pos"], variant="ring", implementation="xla"
+        )
 
     check_parity(parallel, reference, "qkv", mesh_of(sequence=4, data=2), 4, x)
 
@@ -139,19 +147,28 @@ def test_ring_log_sum_exp_and_its_gradient():
 
     def parallel(q, k, v, seg, ct, ct_lse):
         def local(q, k, v, segment_ids):
-            return ring_lib.ring_attention(q, k, v, axis_name="sequence", segment_ids=segment_ids,
-                                           return_lse=True)
-        out, lse = seq.shard_over_sequence(local, dict(q=q, k=k, v=v, segment_ids=seg),
-                                           dict(q=names, k=names, v=names, segment_ids=rows),
-                                           (names, ("batch", "length", "heads")), batch=B, heads=(N, K))
+            return ring_lib.ring_attention(
+                q, k, v, axis_name="sequence", segment_ids=segment_ids, return_lse=True
+            )
+
+        out, lse = per_device(
+            local,
+            dict(q=q, k=k, v=v, segment_ids=seg),
+            dict(q=names, k=names, v=names, segment_ids=rows),
+            (names, ("batch", "length", "heads")),
+            batch=B,
+            heads=(N, K),
+            length_axis="sequence",
+        )
         return loss_terms(out, lse, ct, ct_lse), (out, lse)
 
     grad = functools.partial(jax.grad, argnums=(0, 1, 2), has_aux=True)
     want_grads, (want_out, want_lse) = jax.jit(grad(reference))(x["q"], x["k"], x["v"])
-    z = lambda a: seq.to_zigzag(a, 4)  # noqa: E731
+    z = lambda a: seq.to_zigzag(a, 4)
     with jax.set_mesh(mesh_of(sequence=4, data=2)):
-        grads, (out, lse) = jax.jit(grad(parallel))(z(x["q"]), z(x["k"]), z(x["v"]), z(x["seg"]), z(x["ct"]),
-                                                    z(ct_lse))
+        grads, (out, lse) = jax.jit(grad(parallel))(
+            z(x["q"]), z(x["k"]), z(x["v"]), z(x["seg"]), z(x["ct"]), z(ct_lse)
+        )
     assert_close(seq.from_zigzag(np.asarray(lse), 4), want_lse, "lse")
     assert_close(seq.from_zigzag(np.asarray(out), 4), want_out, "output")
     for name, got, want in zip("qkv", grads, want_grads):
@@ -176,9 +193,9 @@ def test_no_mesh_or_one_shard_is_plain_attention():
     got = seq.sequence_attention(x["q"], x["k"], x["v"], segment_ids=x["seg"], implementation="xla")
     np.testing.assert_array_equal(got, want)
     with jax.set_mesh(mesh_of(data=8)):  # a mesh whose sequence axis has size 1
-        got = jax.jit(lambda q, k, v, seg: seq.sequence_attention(q, k, v, segment_ids=seg,
-                                                                   implementation="xla"))(
-            x["q"], x["k"], x["v"], x["seg"])
+        got = jax.jit(
+            lambda q, k, v, seg: seq.sequence_attention(q, k, v, segment_ids=seg, implementation="xla")
+        )(x["q"], x["k"], x["v"], x["seg"])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -192,8 +209,14 @@ def test_chunked_linear_attention_matches_definition(gated):
     g = x["g"] if gated else np.zeros_like(x["g"])
     want = la.reference_linear_attention(x["q"], x["k"], x["v"], g, x["seg"])
     for chunk, length in ((8, T), (5, T), (8, T - 3)):  # ragged chunks and lengths
-        got = la.chunked_linear_attention(x["q"][:, :length], x["k"][:, :length], x["v"][:, :length],
-                                          g[:, :length], x["seg"][:, :length], chunk=chunk)
+        got = la.chunked_linear_attention(
+            x["q"][:, :length],
+            x["k"][:, :length],
+            x["v"][:, :length],
+            g[:, :length],
+            x["seg"][:, :length],
+            chunk=chunk,
+        )
         assert_close(got, want[:, :length], f"chunk {chunk}, length {length}")
 
 
@@ -226,14 +249,19 @@ def test_lasp2_gathers_states_once():
 
     x = inputs()
     with jax.set_mesh(mesh_of(sequence=8)):
+
         def loss(q, k, v, g):
             return jnp.sum(la.linear_attention(q, k, v, g, x["seg"], chunk=4) * x["ct"])
+
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x["q"], x["k"], x["v"], x["g"])
         compiled = lowered.compile()
     kinds = collections.Counter(op.kind for op in analysis.collective_ops(compiled))
     assert kinds["collective-permute"] == 0 and kinds["all-to-all"] == 0, kinds
-    state_gathers = [op for op in analysis.collective_ops(compiled)
-                     if op.kind == "all-gather" and op.bytes >= 8 * B * K * H * H * 4]
+    state_gathers = [
+        op
+        for op in analysis.collective_ops(compiled)
+        if op.kind == "all-gather" and op.bytes >= 8 * B * K * H * H * 4
+    ]
     assert len(state_gathers) == 1, analysis.collective_ops(compiled)
 
 
@@ -248,7 +276,7 @@ def test_zigzag_layout_round_trips(n):
     for key, value in rows.items():
         np.testing.assert_array_equal(seq.from_zigzag(zig[key], n), value)
         np.testing.assert_array_equal(np.asarray(seq.from_zigzag(jnp.asarray(zig[key]), n)), value)
-    perm = seq.zigzag_indices(48, n)
+    perm = ring_lib.zigzag_indices(48, n)
     assert sorted(perm.tolist()) == list(range(48))
     if n > 1:  # device r holds chunks r and 2n-1-r
         chunk = 48 // (2 * n)
@@ -262,7 +290,7 @@ def test_ring_schedule_computes_every_visible_block_once(n, zigzag):
     """Token-level bookkeeping of what the schedule computes, against the causal mask."""
     t = 2 * n * 2
     local = t // n
-    perm = seq.zigzag_indices(t, n if zigzag else 1).reshape(n, local)
+    perm = ring_lib.zigzag_indices(t, n if zigzag else 1).reshape(n, local)
     computed = np.zeros((t, t), int)
     table = ring_lib.schedule(n, zigzag, causal=True)
     for s in range(n):
@@ -275,7 +303,7 @@ def test_ring_schedule_computes_every_visible_block_once(n, zigzag):
             if mode == ring_lib.KV_FIRST_HALF:
                 kv_idx = kv_idx[: local // 2]
             if mode == ring_lib.Q_SECOND_HALF:
-                q_idx = q_idx[local // 2:]
+                q_idx = q_idx[local // 2 :]
             computed[np.ix_(q_idx, kv_idx)] += 1
     visible = np.tril(np.ones((t, t), int))
     assert computed.max() == 1
@@ -305,22 +333,35 @@ def test_ring_executes_the_schedule():
         def counting_block(q, k, v, qs, ks, qp, kp):
             pairs = q.shape[0] * q.shape[1] * k.shape[1]
             jax.debug.callback(lambda p, c: record(p, c, zigzag), qp[0, 0], pairs)
-            return attention(q, k, v, segment_ids=(qs, ks), positions=(qp, kp), implementation="xla",
-                             return_lse=True)
+            return attention(
+                q, k, v, segment_ids=(qs, ks), positions=(qp, kp), implementation="xla", return_lse=True
+            )
 
         def local_fn(q, k, v, segment_ids, positions):
-            return ring_lib.ring_attention(q, k, v, axis_name="sequence", segment_ids=segment_ids,
-                                           zigzag=zigzag, block_fn=counting_block)
+            return ring_lib.ring_attention(
+                q, k, v, axis_name="sequence", segment_ids=segment_ids, zigzag=zigzag, block_fn=counting_block
+            )
 
         # A mesh of the sequence axis alone: jax's debug callbacks fail in partial-manual shard_maps.
-        only_sequence = jax.make_mesh((n,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,),
-                                      devices=jax.devices()[:n])
+        only_sequence = jax.make_mesh(
+            (n,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
+        )
         with jax.set_mesh(only_sequence):
-            out = seq.shard_over_sequence(
-                local_fn, dict(q=x["q"], k=x["k"], v=x["v"], segment_ids=x["seg"], positions=None),
-                dict(q=("batch", "length", "heads", None), k=("batch", "length", "heads", None),
-                     v=("batch", "length", "heads", None), segment_ids=("batch", "length"), positions=None),
-                ("batch", "length", "heads", None), batch=B, heads=(N, K))
+            out = per_device(
+                local_fn,
+                dict(q=x["q"], k=x["k"], v=x["v"], segment_ids=x["seg"], positions=None),
+                dict(
+                    q=("batch", "length", "heads", None),
+                    k=("batch", "length", "heads", None),
+                    v=("batch", "length", "heads", None),
+                    segment_ids=("batch", "length"),
+                    positions=None,
+                ),
+                ("batch", "length", "heads", None),
+                batch=B,
+                heads=(N, K),
+                length_axis="sequence",
+            )
             jax.block_until_ready(out)
         got = np.array([counts[r] for r in range(n)]) / (B * local * local)
         np.testing.assert_allclose(got, ring_lib.schedule_work(n, zigzag, causal=True))
@@ -333,8 +374,12 @@ def test_ring_executes_the_schedule():
 def trace(variant, sizes, t=T, kv_heads=K, **options):
     x = inputs()
     with jax.set_mesh(mesh_of(**sizes)):
-        jax.eval_shape(lambda q, k, v: seq.sequence_attention(q, k, v, variant=variant, **options),
-                       x["q"][:, :t], x["k"][:, :t, :kv_heads], x["v"][:, :t, :kv_heads])
+        jax.eval_shape(
+            lambda q, k, v: seq.sequence_attention(q, k, v, variant=variant, **options),
+            x["q"][:, :t],
+            x["k"][:, :t, :kv_heads],
+            x["v"][:, :t, :kv_heads],
+        )
 
 
 def test_impossible_splits_fail_clearly():
@@ -353,5 +398,10 @@ def test_impossible_splits_fail_clearly():
     with pytest.raises(ValueError, match="cannot be split into 16 equal pieces"):
         x = inputs()
         with jax.set_mesh(mesh_of(sequence=8)):
-            jax.eval_shape(lambda q, k, v, g: la.linear_attention(q, k, v, g, zigzag=8),
-                           x["q"][:, :24], x["k"][:, :24], x["v"][:, :24], x["g"][:, :24])
+            jax.eval_shape(
+                lambda q, k, v, g: la.linear_attention(q, k, v, g, zigzag=8),
+                x["q"][:, :24],
+                x["k"][:, :24],
+                x["v"][:, :24],
+                x["g"][:, :24],
+            )

@@ -17,8 +17,14 @@ import pytest
 
 from jaxpar.config import ConfigError, DataConfig, MeshConfig, MoEConfig, RunConfig, TrainConfig, validate_run
 from jaxpar.parallel import sequence as seq
-from jaxpar.parallel.mesh import make_mesh
-from lm_testing import TINY, assert_grads_close, loss_and_grads_on, packed_batch, single_device_mesh
+from lm_testing import (
+    TINY,
+    assert_grads_close,
+    config_mesh,
+    loss_and_grads_on,
+    packed_batch,
+    single_device_mesh,
+)
 
 # Configs are built inside the tests (not at import), so that before the model wiring exists these tests
 # fail one by one instead of breaking the collection of the whole suite.
@@ -55,8 +61,15 @@ def run_config(model, mesh: MeshConfig, global_batch=8, seq_len=16) -> RunConfig
     """Every other section at its defaults; token data (TINY's 64-token vocabulary is too small for bytes)."""
     defaults = {name: cls() for name, cls in typing.get_type_hints(RunConfig).items() if name != "data"}
     data = DataConfig(source="tokens", path="unused")
-    return RunConfig(**{**defaults, "model": model, "mesh": mesh, "data": data,
-                        "train": TrainConfig(global_batch=global_batch, seq_len=seq_len)})
+    return RunConfig(
+        **{
+            **defaults,
+            "model": model,
+            "mesh": mesh,
+            "data": data,
+            "train": TrainConfig(global_batch=global_batch, seq_len=seq_len),
+        }
+    )
 
 
 @functools.cache
@@ -70,11 +83,11 @@ def test_loss_and_grads_match_single_device(name):
     model, variant, sizes, overrides, want_zigzag = CASES[name]
     cfg = tiny(**MODEL_OVERRIDES[model], sequence_parallel=variant, **overrides)
     mesh_cfg = mesh_config(**sizes)
-    mesh = make_mesh(mesh_cfg)
+    mesh = config_mesh(mesh_cfg)
     batch = packed_batch(0)
     B, T = batch["inputs"].shape
     validate_run(run_config(cfg, mesh_cfg, B, T), jax.device_count())
-    zigzag = seq.run_zigzag_factor(cfg, dict(mesh.shape))
+    zigzag = cfg.zigzag_factor(dict(mesh.shape))
     assert zigzag == want_zigzag
     loss, grads, _ = loss_and_grads_on(mesh, cfg, seq.zigzag_batch(batch, zigzag))
     want_loss, want_grads = reference(model)
@@ -85,12 +98,10 @@ def test_loss_and_grads_match_single_device(name):
 def test_impossible_splits_are_config_errors():
     with pytest.raises(ConfigError, match="key/value heads"):
         validate_run(run_config(tiny(sequence_parallel="ulysses"), mesh_config(sequence=8)), 8)
-    with pytest.raises(ConfigError, match="cuts every sequence into 16 equal chunks"):
-        validate_run(run_config(tiny(sequence_parallel="ring"), mesh_config(sequence=8), seq_len=24),
-                     8)
+    with pytest.raises(ConfigError, match="cuts the sequence into 16 equal chunks"):
+        validate_run(run_config(tiny(sequence_parallel="ring"), mesh_config(sequence=8), seq_len=24), 8)
     with pytest.raises(ConfigError, match="ulysses_degree=3"):
-        validate_run(run_config(tiny(sequence_parallel="usp", ulysses_degree=3),
-                                mesh_config(sequence=8)), 8)
+        validate_run(run_config(tiny(sequence_parallel="usp", ulysses_degree=3), mesh_config(sequence=8)), 8)
     with pytest.raises(ConfigError, match="model.sequence_parallel='tokenring' is not supported"):
         dataclasses.replace(TINY, sequence_parallel="tokenring")
     with pytest.raises(ConfigError, match="softmax_every=3 .* divide model.n_layers=2"):
@@ -102,7 +113,7 @@ def test_impossible_splits_are_config_errors():
 
 @pytest.mark.parametrize("model", ["linear", "hybrid"])
 def test_parameter_count_includes_linear_attention(model):
-    from jaxpar.train.state import abstract_model
+    from jaxpar.train.build import abstract_model
 
     cfg = tiny(**MODEL_OVERRIDES[model])
     _, params = abstract_model(cfg)
@@ -118,14 +129,22 @@ def bf16_reference(model: str):
     return loss, grads
 
 
-@pytest.mark.parametrize("model, variant", [("softmax", "ring"), ("softmax", "ulysses"), ("softmax", "usp"),
-                                            ("softmax", "allgather"), ("linear", "ring")])
+@pytest.mark.parametrize(
+    "model, variant",
+    [
+        ("softmax", "ring"),
+        ("softmax", "ulysses"),
+        ("softmax", "usp"),
+        ("softmax", "allgather"),
+        ("linear", "ring"),
+    ],
+)
 def test_bfloat16_matches_single_device(model, variant):
     """bfloat16 compute (fp32 parameters): every variant compiles and stays within bf16 rounding of the
     single-device model (an XLA:CPU abort on bf16 reduce-scatters in the layer loop is kept out)."""
     cfg = tiny(**MODEL_OVERRIDES[model], dtype="bfloat16", sequence_parallel=variant)
-    mesh = make_mesh(mesh_config(data=2, sequence=4))
-    zigzag = seq.run_zigzag_factor(cfg, dict(mesh.shape))
+    mesh = config_mesh(mesh_config(data=2, sequence=4))
+    zigzag = cfg.zigzag_factor(dict(mesh.shape))
     loss, grads, _ = loss_and_grads_on(mesh, cfg, seq.zigzag_batch(packed_batch(0), zigzag))
     want_loss, want_grads = bf16_reference(model)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-4)

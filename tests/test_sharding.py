@@ -11,8 +11,8 @@ from jax.sharding import PartitionSpec as P
 from configs import lm
 from jaxpar.config import MeshConfig, from_config_dict
 from jaxpar.parallel import rules
-from jaxpar.parallel.mesh import make_mesh
-from jaxpar.train import state as state_lib
+from jaxpar.train import build as build_lib
+from lm_testing import config_mesh
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 CASES = [
@@ -27,8 +27,10 @@ CASES = [
 def specs_by_path(preset, mesh_config):
     """Abstract only (no arrays), so the real-size presets cost nothing."""
     model_cfg = from_config_dict(lm.get_config(preset)).model
-    _, abstract_params = state_lib.abstract_model(model_cfg)
-    shardings = rules.tree_shardings(make_mesh(mesh_config), abstract_params, rules.param_specs(abstract_params))
+    _, abstract_params = build_lib.abstract_model(model_cfg)
+    shardings = rules.tree_shardings(
+        config_mesh(mesh_config), abstract_params, rules.param_specs(abstract_params)
+    )
     return {
         jax.tree_util.keystr(path): [list(a) if isinstance(a, tuple) else a for a in sharding.spec]
         for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0]
@@ -57,7 +59,9 @@ def test_golden_specs_follow_the_rules_table():
     with open(os.path.join(GOLDEN_DIR, "sharding_smoke_data2_fsdp2_tensor2.json")) as f:
         got = json.load(f)
     for path, logical in want.items():
-        assert got[path] == [list(a) if isinstance(a, tuple) else a for a in rules.logical_to_spec(tuple(logical))], path
+        assert got[path] == [
+            list(a) if isinstance(a, tuple) else a for a in rules.logical_to_spec(tuple(logical))
+        ], path
     assert got["['blocks']['attn']['wq'].value"] == ["pipeline", "fsdp", "tensor", None]
 
 
@@ -67,7 +71,7 @@ def test_unknown_logical_name():
 
 
 def test_mostly_replicated_parameters_are_refused():
-    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    mesh = config_mesh(MeshConfig(data=1, fsdp=8))
     tree = {"w": jax.ShapeDtypeStruct((64, 64), "float32")}
     shardings = rules.tree_shardings(mesh, tree, {"w": P()})
     with pytest.raises(ValueError, match="100% of parameter bytes would be replicated"):
@@ -75,7 +79,7 @@ def test_mostly_replicated_parameters_are_refused():
 
 
 def test_indivisible_dimension_names_the_parameter():
-    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    mesh = config_mesh(MeshConfig(data=1, fsdp=8))
     tree = {"w": jax.ShapeDtypeStruct((12, 64), "float32")}
     with pytest.raises(ValueError, match=r"\['w'\]: dimension 12 of shape \(12, 64\) cannot be split 8 ways"):
         rules.tree_shardings(mesh, tree, {"w": P("fsdp")})

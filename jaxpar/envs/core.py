@@ -43,7 +43,7 @@ class MultiAgentEnv(abc.ABC):
         return self.observation_space.mask
 
     @property
-    def unwrapped(self) -> "MultiAgentEnv":
+    def unwrapped(self) -> MultiAgentEnv:
         return self
 
     def agent_index(self, agent: str) -> int:

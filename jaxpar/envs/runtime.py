@@ -5,7 +5,8 @@ of `jaxpar.parallel.rules`, the same one the models' activations use, so an RL l
 policy batch live on the same devices. Env i's keys are fold_in(key, i) (see `wrappers.env_keys`) and
 nothing couples envs, so env i's trajectory is the same on 1 device or 8.
 
-    runtime = EnvRuntime(make("simple_spread_v3"), num_envs=1024, mesh=make_mesh(MeshConfig()))
+    mesh = make_mesh({"data": jax.device_count()})
+    runtime = EnvRuntime(make("simple_spread_v3"), num_envs=1024, mesh=mesh)
     obs, state = runtime.reset(key)
     obs, state, reward, terminated, truncated, info = runtime.step(key, state, actions)
 """
@@ -13,12 +14,11 @@ nothing couples envs, so env i's trajectory is the same on 1 device or 8.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpar.envs.core import MultiAgentEnv
 from jaxpar.envs.wrappers import VecEnv

@@ -1,6 +1,6 @@
 """The one attention API: `attention(q, k, v, ...)` with the implementation chosen by name.
 
-Implementations (names from jaxpar.config.ATTENTION_IMPLEMENTATIONS):
+Implementations (IMPLEMENTATIONS):
   xla     plain jnp, every backend. Dense (materialises [B, N, Tq, Tk] logits) while Tq * Tk is at most
           DENSE_MAX_LOGITS, blockwise above that (jaxpar.kernels.chunked_attention: scans over chunks with
           a recomputing custom VJP, nothing of size Tq x Tk). `xla_chunk_size` forces the blockwise path.
@@ -16,10 +16,10 @@ An implementation named explicitly that cannot handle the inputs raises Attentio
 naming every unsupported feature; nothing falls back silently. Semantics (masking, positions, fully
 masked rows -> output 0 and lse -inf) are defined by jaxpar.kernels.flash_attention.reference_attention.
 
-Under a mesh of more than one device (jax.set_mesh), the custom kernels (pallas, cudnn), which GSPMD
-does not partition by itself, run inside jax.shard_map: batch over the mesh axes of the logical "batch"
-axis, heads over those of "heads" (from jaxpar.parallel.rules), each device on its shard; the sequence
-stays whole (sequence parallelism is ring/ulysses attention's job).
+This module knows no mesh: `attention` computes on the arrays it is given. The custom kernels
+(pallas, cudnn) are not partitioned by GSPMD, so under a mesh they run per device:
+jaxpar.parallel.sequence.sequence_attention (the model's entry point) does that over batch and head shards,
+and ring / Ulysses attention call `attention` on their own shards.
 """
 
 from __future__ import annotations
@@ -28,14 +28,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec as P
 
-from jaxpar.config import ATTENTION_IMPLEMENTATIONS
-from jaxpar.kernels import chunked_attention as chunked_lib
-from jaxpar.kernels import flash_attention as flash_lib
-from jaxpar.parallel import rules
+from jaxpar.kernels import chunked_attention as chunked_lib, flash_attention as flash_lib
 
-IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
+# "auto" picks the first implementation that supports the inputs on the current backend.
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
 # Above this many logits per (batch, head) the xla implementation switches to the blockwise path:
 # 2048 x 2048 float32 logits are 16 MiB per head, and the dense path keeps several such buffers.
 DENSE_MAX_LOGITS = 2048 * 2048
@@ -100,8 +97,9 @@ def unsupported(implementation: str, case: AttentionCase) -> list[str]:
         if case.head_dim % 8 or case.head_dim > 256:
             reasons.append(f"head dim {case.head_dim} (a multiple of 8, at most 256)")
         return reasons
-    raise ValueError(f"attention implementation {implementation!r} is unknown; "
-                     f"choose one of {list(IMPLEMENTATIONS)}")
+    raise ValueError(
+        f"attention implementation {implementation!r} is unknown; choose one of {list(IMPLEMENTATIONS)}"
+    )
 
 
 def _splash_unsupported(case: AttentionCase) -> list[str]:
@@ -117,7 +115,9 @@ def _splash_unsupported(case: AttentionCase) -> list[str]:
     if case.window is not None and case.q_len != case.kv_len:
         reasons.append("a window with q length != kv length (rows could see no key: undefined in splash)")
     if case.q_len % SPLASH_BLOCK or case.kv_len % SPLASH_BLOCK:
-        reasons.append(f"sequence lengths {case.q_len}, {case.kv_len} that are not multiples of {SPLASH_BLOCK}")
+        reasons.append(
+            f"sequence lengths {case.q_len}, {case.kv_len} that are not multiples of {SPLASH_BLOCK}"
+        )
     return reasons
 
 
@@ -125,7 +125,9 @@ def resolve_implementation(implementation: str | None, case: AttentionCase) -> s
     """The implementation that will run `case`, or AttentionUnsupportedError."""
     name = "auto" if implementation is None else implementation
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {name!r} is unknown; choose one of {list(IMPLEMENTATIONS)}")
+        raise ValueError(
+            f"attention implementation {name!r} is unknown; choose one of {list(IMPLEMENTATIONS)}"
+        )
     if name == "auto":
         for candidate in AUTO_ORDER.get(case.backend, ("xla",)):
             if not unsupported(candidate, case):
@@ -135,7 +137,8 @@ def resolve_implementation(implementation: str | None, case: AttentionCase) -> s
     if reasons:
         raise AttentionUnsupportedError(
             f"attention implementation {name!r} cannot compute this call; unsupported: {'; '.join(reasons)}. "
-            "Use implementation='xla' (runs everywhere) or 'auto' (picks one that can).")
+            "Use implementation='xla' (runs everywhere) or 'auto' (picks one that can)."
+        )
     return name
 
 
@@ -148,16 +151,61 @@ def _pair(value, q_len: int, kv_len: int, name: str):
             raise ValueError(f"{name} must be one [B, T] array or a (q [B, Tq], kv [B, Tk]) pair")
         return tuple(value)
     if q_len != kv_len:
-        raise ValueError(f"one {name} array needs q length == kv length (got {q_len} and {kv_len}); "
-                         f"pass a (q_{name}, kv_{name}) pair")
+        raise ValueError(
+            f"one {name} array needs q length == kv length (got {q_len} and {kv_len}); "
+            f"pass a (q_{name}, kv_{name}) pair"
+        )
     return value, value
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=None, causal: bool = True,
-              window: int | None = None, softcap: float | None = None, scale: float | None = None,
-              implementation: str | None = None, return_lse: bool = False,
-              block_sizes: flash_lib.BlockSizes | None = None, xla_chunk_size: int | None = None,
-              interpret: bool | None = None):
+def case_of(
+    q_BTNH,
+    k_BSKH,
+    *,
+    segment_ids=None,
+    positions=None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+) -> AttentionCase:
+    """The AttentionCase of a call to `attention` with these arguments, on the default backend."""
+    _, Tq, N, H = q_BTNH.shape
+    return AttentionCase(
+        backend=jax.default_backend(),
+        dtype=jnp.dtype(q_BTNH.dtype),
+        q_len=Tq,
+        kv_len=k_BSKH.shape[1],
+        heads=N,
+        kv_heads=k_BSKH.shape[2],
+        head_dim=H,
+        segment_ids=segment_ids is not None,
+        separate_kv_segment_ids=isinstance(segment_ids, (tuple, list)),
+        positions=positions is not None,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        return_lse=return_lse,
+    )
+
+
+def attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    *,
+    segment_ids=None,
+    positions=None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+    return_lse: bool = False,
+    block_sizes: flash_lib.BlockSizes | None = None,
+    xla_chunk_size: int | None = None,
+    interpret: bool | None = None,
+):
     """Grouped-query attention: q [B, Tq, N, H], k and v [B, Tk, K, H] with K dividing N.
 
     segment_ids, positions: one [B, T] array (self-attention) or a (q [B, Tq], kv [B, Tk]) pair.
@@ -170,89 +218,97 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=None, causa
       sees no key), differentiable.
     block_sizes, interpret: passed to the Pallas kernel. xla_chunk_size: force the blockwise xla path.
     """
-    B, Tq, N, H = q_BTNH.shape
-    Tk, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    Tq, Tk = q_BTNH.shape[1], k_BSKH.shape[1]
     q_seg, kv_seg = _pair(segment_ids, Tq, Tk, "segment_ids")
     q_pos, kv_pos = _pair(positions, Tq, Tk, "positions")
     flash_lib.check_inputs(q_BTNH, k_BSKH, v_BSKH, q_seg, kv_seg, q_pos, kv_pos, window, softcap)
-    case = AttentionCase(
-        backend=jax.default_backend(), dtype=jnp.dtype(q_BTNH.dtype), q_len=Tq, kv_len=Tk, heads=N, kv_heads=K,
-        head_dim=H, segment_ids=segment_ids is not None,
-        separate_kv_segment_ids=isinstance(segment_ids, (tuple, list)), positions=positions is not None,
-        causal=causal, window=window, softcap=softcap, return_lse=return_lse)
-    name = resolve_implementation(implementation, case)
+    name = resolve_implementation(
+        implementation,
+        case_of(
+            q_BTNH,
+            k_BSKH,
+            segment_ids=segment_ids,
+            positions=positions,
+            causal=causal,
+            window=window,
+            softcap=softcap,
+            return_lse=return_lse,
+        ),
+    )
     mask = dict(causal=causal, window=window, softcap=softcap, scale=scale)
 
     if name == "xla":
         if xla_chunk_size is None and Tq * Tk <= DENSE_MAX_LOGITS:
             out, lse = flash_lib.reference_attention(
-                q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT=q_seg, kv_segment_ids_BS=kv_seg, q_positions_BT=q_pos,
-                kv_positions_BS=kv_pos, **mask)
+                q_BTNH,
+                k_BSKH,
+                v_BSKH,
+                q_segment_ids_BT=q_seg,
+                kv_segment_ids_BS=kv_seg,
+                q_positions_BT=q_pos,
+                kv_positions_BS=kv_pos,
+                **mask,
+            )
         else:
             out, lse = chunked_lib.chunked_attention(
-                q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT=q_seg, kv_segment_ids_BS=kv_seg, q_positions_BT=q_pos,
-                kv_positions_BS=kv_pos, chunk_size=xla_chunk_size or chunked_lib.DEFAULT_CHUNK, **mask)
+                q_BTNH,
+                k_BSKH,
+                v_BSKH,
+                q_segment_ids_BT=q_seg,
+                kv_segment_ids_BS=kv_seg,
+                q_positions_BT=q_pos,
+                kv_positions_BS=kv_pos,
+                chunk_size=xla_chunk_size or chunked_lib.DEFAULT_CHUNK,
+                **mask,
+            )
+    elif name == "pallas" and jax.default_backend() == "tpu":
+        out = splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids=q_seg, interpret=bool(interpret), **mask)
+        lse = None  # return_lse is refused for splash
     elif name == "pallas":
-        if case.backend == "tpu":
-            def kernel(q, k, v, extras):
-                out = splash_attention(q, k, v, segment_ids=extras.get("q_seg"), interpret=bool(interpret),
-                                       **mask)
-                return out, jnp.zeros(out.shape[:3], jnp.float32)  # never returned: return_lse is refused
-        else:
-            def kernel(q, k, v, extras):
-                return flash_lib.flash_attention(
-                    q, k, v, q_segment_ids_BT=extras.get("q_seg"), kv_segment_ids_BS=extras.get("kv_seg"),
-                    q_positions_BT=extras.get("q_pos"), kv_positions_BS=extras.get("kv_pos"),
-                    block_sizes=block_sizes, interpret=interpret, **mask)
-        extras = {key: x for key, x in (("q_seg", q_seg), ("kv_seg", kv_seg), ("q_pos", q_pos),
-                                        ("kv_pos", kv_pos)) if x is not None}
-        out, lse = shard_over_mesh(kernel, q_BTNH, k_BSKH, v_BSKH, extras)
-    else:  # cudnn
-        def kernel(q, k, v, extras):
-            out = jax.nn.dot_product_attention(
-                q, k, v, scale=scale, is_causal=causal,
-                local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
-            return out, jnp.zeros(out.shape[:3], jnp.float32)  # never returned: return_lse is refused
-
-        out, lse = shard_over_mesh(kernel, q_BTNH, k_BSKH, v_BSKH, {})
+        out, lse = flash_lib.flash_attention(
+            q_BTNH,
+            k_BSKH,
+            v_BSKH,
+            q_segment_ids_BT=q_seg,
+            kv_segment_ids_BS=kv_seg,
+            q_positions_BT=q_pos,
+            kv_positions_BS=kv_pos,
+            block_sizes=block_sizes,
+            interpret=interpret,
+            **mask,
+        )
+    else:  # cudnn; return_lse is refused
+        out, lse = (
+            jax.nn.dot_product_attention(
+                q_BTNH,
+                k_BSKH,
+                v_BSKH,
+                scale=scale,
+                is_causal=causal,
+                local_window_size=None if window is None else (window - 1, 0),
+                implementation="cudnn",
+            ),
+            None,
+        )
     return (out, lse) if return_lse else out
-
-
-# --------------------------------------------------------------------------------------------------
-# Running a kernel per device under a mesh.
-
-
-def shard_over_mesh(kernel, q_BTNH, k_BSKH, v_BSKH, extras: dict):
-    """kernel(q, k, v, extras) -> (out_BTNH, lse_BTN), run on each device's shard of batch and heads when
-    a mesh of more than one device is set; called directly otherwise (or when nothing divides)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return kernel(q_BTNH, k_BSKH, v_BSKH, extras)
-    # Axes already manual (we are inside someone's shard_map) cannot be mapped again.
-    usable = rules.usable_axes(mesh)
-    B, N, K = q_BTNH.shape[0], q_BTNH.shape[2], k_BSKH.shape[2]
-    batch = rules.divisible_axes(rules.mesh_axes("batch"), usable, (B,))
-    heads = rules.divisible_axes(rules.mesh_axes("heads"), usable, (N, K))
-    if batch is None and heads is None:
-        return kernel(q_BTNH, k_BSKH, v_BSKH, extras)
-    qkv_spec, row_spec, lse_spec = P(batch, None, heads, None), P(batch, None), P(batch, None, heads)
-    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
-    if any(kinds[a] == AxisType.Explicit for a in (batch or ()) + (heads or ())):
-        # Explicit axes: shard_map wants inputs already laid out as its in_specs say.
-        q_BTNH, k_BSKH, v_BSKH = (jax.sharding.reshard(x, qkv_spec) for x in (q_BTNH, k_BSKH, v_BSKH))
-        extras = {key: jax.sharding.reshard(x, row_spec) for key, x in extras.items()}
-    # check_vma=False: interpret-mode pallas kernels fail the varying-manual-axes check (FIELD_NOTES).
-    mapped = jax.shard_map(kernel, in_specs=(qkv_spec, qkv_spec, qkv_spec, {key: row_spec for key in extras}),
-                           out_specs=(qkv_spec, lse_spec), check_vma=False)
-    return mapped(q_BTNH, k_BSKH, v_BSKH, extras)
 
 
 # --------------------------------------------------------------------------------------------------
 # TPU: the splash-attention kernel shipped with jax (pallas.ops.tpu.splash_attention).
 
 
-def splash_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, causal=True, window=None, softcap=None,
-                     scale=None, interpret: bool = False):
+def splash_attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    *,
+    segment_ids=None,
+    causal=True,
+    window=None,
+    softcap=None,
+    scale=None,
+    interpret: bool = False,
+):
     """Self-attention through jax's TPU splash kernel (one MQA kernel per kv head, vmapped over batch and
     kv heads). Only what _splash_unsupported allows reaches here. `interpret=True` runs it on CPU."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
@@ -268,7 +324,8 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, causal=True, w
     else:
         base = splash.FullMask((T, S))
     kernel = splash.make_splash_mqa_single_device(
-        splash.MultiHeadMask([base] * G), attn_logits_soft_cap=softcap, interpret=interpret)
+        splash.MultiHeadMask([base] * G), attn_logits_soft_cap=softcap, interpret=interpret
+    )
     scale = H**-0.5 if scale is None else scale
     # Splash does not scale logits; scaling q first gives softcap * tanh(scale * q.k / softcap) as ours.
     q_BKGTH = (q_BTNH * jnp.asarray(scale, q_BTNH.dtype)).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)

@@ -39,8 +39,20 @@ class DecodeBlockSizes:
     num_stages: int = 2
 
 
-def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k: int, num_tokens: int,
-                   scale: float, softcap: float | None, window: int | None):
+def _decode_kernel(
+    lengths_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    *,
+    block_k: int,
+    num_tokens: int,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+):
     split, b = pl.program_id(0), pl.program_id(1)
     split_len = k_ref.shape[0]
     rows, head_dim = q_ref.shape
@@ -73,11 +85,16 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k:
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        pv = lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
         return alpha[:, None] * acc + pv, m_new, alpha * l + jnp.sum(p, axis=-1)
 
-    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
+    init = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), MASKED, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
     acc, m, l = lax.fori_loop(lo, hi, visit, init)
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
@@ -87,8 +104,10 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k:
 
 def _check(q_BTNH, k_BSKH, v_BSKH, lengths_B, softcap, window):
     if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or k_BSKH.shape != v_BSKH.shape:
-        raise ValueError(f"decode attention wants q [B, T, N, H] and k, v [B, S, K, H] of one shape; got "
-                         f"q{q_BTNH.shape}, k{k_BSKH.shape}, v{v_BSKH.shape}")
+        raise ValueError(
+            f"decode attention wants q [B, T, N, H] and k, v [B, S, K, H] of one shape; got "
+            f"q{q_BTNH.shape}, k{k_BSKH.shape}, v{v_BSKH.shape}"
+        )
     B, T, N, H = q_BTNH.shape
     if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H:
         raise ValueError(f"q{q_BTNH.shape} and the cache k{k_BSKH.shape} disagree on batch or head dim")
@@ -97,8 +116,9 @@ def _check(q_BTNH, k_BSKH, v_BSKH, lengths_B, softcap, window):
     if T > k_BSKH.shape[1]:
         raise ValueError(f"{T} query tokens do not fit a cache of {k_BSKH.shape[1]} entries")
     if lengths_B.shape != (B,) or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-        raise ValueError(f"lengths must be an integer array of shape ({B},); "
-                         f"got {lengths_B.dtype}{lengths_B.shape}")
+        raise ValueError(
+            f"lengths must be an integer array of shape ({B},); got {lengths_B.dtype}{lengths_B.shape}"
+        )
     if window is not None and (int(window) != window or window < 1):
         raise ValueError(f"window={window} must be a positive integer")
     if softcap is not None and not softcap > 0:
@@ -106,14 +126,25 @@ def _check(q_BTNH, k_BSKH, v_BSKH, lengths_B, softcap, window):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "window", "block_sizes", "interpret"))
-def decode_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B, *, scale: float | None = None,
-                     softcap: float | None = None, window: int | None = None,
-                     block_sizes: DecodeBlockSizes | None = None, interpret: bool | None = None):
+def decode_attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    lengths_B,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    block_sizes: DecodeBlockSizes | None = None,
+    interpret: bool | None = None,
+):
     """Attention output [B, T, N, H] in q's dtype for the T newest tokens of each sequence."""
     _check(q_BTNH, k_BSKH, v_BSKH, lengths_B, softcap, window)
     if q_BTNH.dtype not in SUPPORTED_DTYPES or q_BTNH.dtype != k_BSKH.dtype or k_BSKH.dtype != v_BSKH.dtype:
-        raise ValueError(f"decode attention supports one dtype of {[str(d) for d in SUPPORTED_DTYPES]} for q, k "
-                         f"and v; got {q_BTNH.dtype}, {k_BSKH.dtype}, {v_BSKH.dtype}")
+        raise ValueError(
+            f"decode attention supports one dtype of {[str(d) for d in SUPPORTED_DTYPES]} for q, k "
+            f"and v; got {q_BTNH.dtype}, {k_BSKH.dtype}, {v_BSKH.dtype}"
+        )
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
     if H > MAX_HEAD_DIM:
@@ -146,16 +177,24 @@ def decode_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B, *, scale: float | None =
         compiler_params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     kv_spec = pl.BlockSpec((None, split_len, None, H_pad), lambda s, b, kh: (b, s, kh, 0))
     o_part, lse_part = pl.pallas_call(
-        functools.partial(_decode_kernel, block_k=block_k, num_tokens=T, scale=scale, softcap=softcap,
-                          window=window),
+        functools.partial(
+            _decode_kernel, block_k=block_k, num_tokens=T, scale=scale, softcap=softcap, window=window
+        ),
         grid=(num_splits, B, K),
-        in_specs=[pl.BlockSpec((B,), lambda s, b, kh: (0,)),
-                  pl.BlockSpec((None, None, R_pad, H_pad), lambda s, b, kh: (b, kh, 0, 0)),
-                  kv_spec, kv_spec],
-        out_specs=[pl.BlockSpec((None, None, None, R_pad, H_pad), lambda s, b, kh: (b, kh, s, 0, 0)),
-                   pl.BlockSpec((None, None, None, R_pad), lambda s, b, kh: (b, kh, s, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, R_pad, H_pad), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, num_splits, R_pad), jnp.float32)],
+        in_specs=[
+            pl.BlockSpec((B,), lambda s, b, kh: (0,)),
+            pl.BlockSpec((None, None, R_pad, H_pad), lambda s, b, kh: (b, kh, 0, 0)),
+            kv_spec,
+            kv_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, R_pad, H_pad), lambda s, b, kh: (b, kh, s, 0, 0)),
+            pl.BlockSpec((None, None, None, R_pad), lambda s, b, kh: (b, kh, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, K, num_splits, R_pad, H_pad), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, num_splits, R_pad), jnp.float32),
+        ],
         compiler_params=compiler_params,
         interpret=interpret,
         name="jaxpar_decode_attention",
@@ -163,13 +202,23 @@ def decode_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B, *, scale: float | None =
 
     # Merge the slices: weights exp(lse_s - lse), 0 for empty slices; rows that saw nothing stay 0.
     lse = jax.nn.logsumexp(lse_part, axis=2, keepdims=True)
-    weights = jnp.where(jnp.isfinite(lse_part), jnp.exp(lse_part - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+    weights = jnp.where(
+        jnp.isfinite(lse_part), jnp.exp(lse_part - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0
+    )
     o_BKRH = jnp.sum(weights[..., None] * o_part, axis=2)[:, :, :rows, :H]
     return o_BKRH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
-def decode_attention_reference(q_BTNH, k_BSKH, v_BSKH, lengths_B, *, scale: float | None = None,
-                               softcap: float | None = None, window: int | None = None):
+def decode_attention_reference(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    lengths_B,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+):
     """Dense jnp definition of decode_attention (float32 math, float64 for float64 inputs)."""
     _check(q_BTNH, k_BSKH, v_BSKH, lengths_B, softcap, window)
     B, T, N, H = q_BTNH.shape

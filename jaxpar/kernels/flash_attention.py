@@ -115,8 +115,9 @@ def visible(q_pos, kv_pos, q_seg, kv_seg, spec: MaskSpec, kv_index=None):
     if q_seg is not None:
         mask = both(mask, q_seg[..., :, None] == kv_seg[..., None, :])
     if spec.kv_len is not None and kv_index is not None:
-        mask = both(mask, jnp.broadcast_to(kv_index[..., None, :] < spec.kv_len,
-                                           (*q_pos.shape, kv_index.shape[-1])))
+        mask = both(
+            mask, jnp.broadcast_to(kv_index[..., None, :] < spec.kv_len, (*q_pos.shape, kv_index.shape[-1]))
+        )
     return mask
 
 
@@ -174,8 +175,20 @@ def maybe_skip(pred, update, carry):
 # Kernels.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref,
-                    *, spec: MaskSpec, block_k: int):
+def _forward_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    q_pos_ref,
+    kv_pos_ref,
+    q_seg_ref,
+    kv_seg_ref,
+    o_ref,
+    lse_ref,
+    *,
+    spec: MaskSpec,
+    block_k: int,
+):
     block_q, head_dim = q_ref.shape
     q = q_ref[...]
     q_pos = q_pos_ref[...]
@@ -204,8 +217,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_se
 
         return maybe_skip(block_may_attend(q_pos, kv_pos, q_seg, kv_seg, spec), update, carry)
 
-    init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), MASKED, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
+    init = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), MASKED, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
     acc, m, l = lax.fori_loop(0, k_ref.shape[0] // block_k, visit, init)
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
@@ -228,8 +244,22 @@ def finite_lse(lse):
     return jnp.where(lse > MASKED, lse, 0.0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
-               dq_ref, *, spec: MaskSpec, block_k: int):
+def _dq_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    q_pos_ref,
+    kv_pos_ref,
+    q_seg_ref,
+    kv_seg_ref,
+    dq_ref,
+    *,
+    spec: MaskSpec,
+    block_k: int,
+):
     q, do = q_ref[...], do_ref[...]
     lse, delta = finite_lse(lse_ref[...]), delta_ref[...]
     q_pos = q_pos_ref[...]
@@ -254,8 +284,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_po
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
-                dk_ref, dv_ref, *, spec: MaskSpec, block_q: int):
+def _dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    q_pos_ref,
+    kv_pos_ref,
+    q_seg_ref,
+    kv_seg_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    spec: MaskSpec,
+    block_q: int,
+):
     # q_ref/do_ref: [Tq, G, H] (every query head of this kv head's group); lse/delta: [G, Tq].
     block_k = k_ref.shape[0]
     k, v = k_ref[...], v_ref[...]
@@ -323,14 +368,20 @@ def _forward(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     bq, bk = static.blocks.block_q, static.blocks.block_k
     q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, n: (b, i, n, 0))
     kv_spec = pl.BlockSpec((None, Tk, None, H), lambda i, b, n: (b, 0, lax.div(n, G), 0))
-    q_row = lambda i, b, n: (b, i)  # noqa: E731
-    kv_row = lambda i, b, n: (b, 0)  # noqa: E731
+    q_row = lambda i, b, n: (b, i)
+    kv_row = lambda i, b, n: (b, 0)
     return pl.pallas_call(
         functools.partial(_forward_kernel, spec=static.spec, block_k=bk),
         grid=(Tq // bq, B, N),
-        in_specs=[q_spec, kv_spec, kv_spec,
-                  pl.BlockSpec((None, bq), q_row), pl.BlockSpec((None, Tk), kv_row),
-                  _seg_spec(q_seg, (None, bq), q_row), _seg_spec(kv_seg, (None, Tk), kv_row)],
+        in_specs=[
+            q_spec,
+            kv_spec,
+            kv_spec,
+            pl.BlockSpec((None, bq), q_row),
+            pl.BlockSpec((None, Tk), kv_row),
+            _seg_spec(q_seg, (None, bq), q_row),
+            _seg_spec(kv_seg, (None, Tk), kv_row),
+        ],
         out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tq), jnp.float32)],
         compiler_params=_compiler_params(static, H),
@@ -352,14 +403,23 @@ def _backward(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse_BNT
     q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, n: (b, i, n, 0))
     kv_spec = pl.BlockSpec((None, Tk, None, H), lambda i, b, n: (b, 0, lax.div(n, G), 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i))
-    q_row = lambda i, b, n: (b, i)  # noqa: E731
-    kv_row = lambda i, b, n: (b, 0)  # noqa: E731
+    q_row = lambda i, b, n: (b, i)
+    kv_row = lambda i, b, n: (b, 0)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=static.spec, block_k=bk),
         grid=(Tq // bq, B, N),
-        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                  pl.BlockSpec((None, bq), q_row), pl.BlockSpec((None, Tk), kv_row),
-                  _seg_spec(q_seg, (None, bq), q_row), _seg_spec(kv_seg, (None, Tk), kv_row)],
+        in_specs=[
+            q_spec,
+            kv_spec,
+            kv_spec,
+            q_spec,
+            row_spec,
+            row_spec,
+            pl.BlockSpec((None, bq), q_row),
+            pl.BlockSpec((None, Tk), kv_row),
+            _seg_spec(q_seg, (None, bq), q_row),
+            _seg_spec(kv_seg, (None, Tk), kv_row),
+        ],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(static, H),
@@ -372,21 +432,40 @@ def _backward(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse_BNT
     group_spec = pl.BlockSpec((None, Tq, None, G, H), lambda j, b, kh: (b, 0, kh, 0, 0))
     group_rows = pl.BlockSpec((None, None, G, Tq), lambda j, b, kh: (b, kh, 0, 0))
     kv_spec = pl.BlockSpec((None, bk, None, H), lambda j, b, kh: (b, j, kh, 0))
-    q_row = lambda j, b, kh: (b, 0)  # noqa: E731
-    kv_row = lambda j, b, kh: (b, j)  # noqa: E731
+    q_row = lambda j, b, kh: (b, 0)
+    kv_row = lambda j, b, kh: (b, j)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=static.spec, block_q=bq),
         grid=(Tk // bk, B, K),
-        in_specs=[group_spec, kv_spec, kv_spec, group_spec, group_rows, group_rows,
-                  pl.BlockSpec((None, Tq), q_row), pl.BlockSpec((None, bk), kv_row),
-                  _seg_spec(q_seg, (None, Tq), q_row), _seg_spec(kv_seg, (None, bk), kv_row)],
+        in_specs=[
+            group_spec,
+            kv_spec,
+            kv_spec,
+            group_spec,
+            group_rows,
+            group_rows,
+            pl.BlockSpec((None, Tq), q_row),
+            pl.BlockSpec((None, bk), kv_row),
+            _seg_spec(q_seg, (None, Tq), q_row),
+            _seg_spec(kv_seg, (None, bk), kv_row),
+        ],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_compiler_params(static, H),
         interpret=static.interpret,
         name="jaxpar_flash_dkv",
-    )(q.reshape(B, Tq, K, G, H), k, v, do.reshape(B, Tq, K, G, H),
-      lse_BNT.reshape(B, K, G, Tq), delta_BNT.reshape(B, K, G, Tq), q_pos, kv_pos, q_seg, kv_seg)
+    )(
+        q.reshape(B, Tq, K, G, H),
+        k,
+        v,
+        do.reshape(B, Tq, K, G, H),
+        lse_BNT.reshape(B, K, G, Tq),
+        delta_BNT.reshape(B, K, G, Tq),
+        q_pos,
+        kv_pos,
+        q_seg,
+        kv_seg,
+    )
     return dq, dk, dv
 
 
@@ -407,8 +486,20 @@ def attention_vjp(forward, backward):
     def f_bwd(static, residuals, cotangents):
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse = residuals
         do, dlse = cotangents
-        dq, dk, dv = backward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do.astype(q.dtype),
-                              dlse.astype(jnp.float32))
+        dq, dk, dv = backward(
+            static,
+            q,
+            k,
+            v,
+            q_pos,
+            kv_pos,
+            q_seg,
+            kv_seg,
+            o,
+            lse,
+            do.astype(q.dtype),
+            dlse.astype(jnp.float32),
+        )
         return dq, dk, dv, None, None, None, None
 
     f.defvjp(f_fwd, f_bwd)
@@ -435,12 +526,23 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def check_inputs(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT=None, kv_segment_ids_BS=None,
-                 q_positions_BT=None, kv_positions_BS=None, window=None, softcap=None) -> None:
+def check_inputs(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    q_segment_ids_BT=None,
+    kv_segment_ids_BS=None,
+    q_positions_BT=None,
+    kv_positions_BS=None,
+    window=None,
+    softcap=None,
+) -> None:
     """ValueError naming the first input this kernel family cannot take (shared with the reference)."""
     if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.ndim != 4:
-        raise ValueError(f"attention wants q [B, T, N, H] and k, v [B, S, K, H]; got q{q_BTNH.shape}, "
-                         f"k{k_BSKH.shape}, v{v_BSKH.shape}")
+        raise ValueError(
+            f"attention wants q [B, T, N, H] and k, v [B, S, K, H]; got q{q_BTNH.shape}, "
+            f"k{k_BSKH.shape}, v{v_BSKH.shape}"
+        )
     B, Tq, N, H = q_BTNH.shape
     if k_BSKH.shape != v_BSKH.shape:
         raise ValueError(f"k{k_BSKH.shape} and v{v_BSKH.shape} must have the same shape")
@@ -448,16 +550,22 @@ def check_inputs(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT=None, kv_segment_ids_B
     if Bk != B or Hk != H:
         raise ValueError(f"q{q_BTNH.shape} and k{k_BSKH.shape} disagree on batch or head dim")
     if N % K:
-        raise ValueError(f"query heads {N} are not a multiple of key/value heads {K} (grouped-query attention "
-                         "needs every kv head to serve the same number of query heads)")
+        raise ValueError(
+            f"query heads {N} are not a multiple of key/value heads {K} (grouped-query attention "
+            "needs every kv head to serve the same number of query heads)"
+        )
     if not (q_BTNH.dtype == k_BSKH.dtype == v_BSKH.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q_BTNH.dtype}, {k_BSKH.dtype}, {v_BSKH.dtype}")
-    for name, x, shape in (("q_segment_ids", q_segment_ids_BT, (B, Tq)),
-                           ("kv_segment_ids", kv_segment_ids_BS, (B, Tk)),
-                           ("q_positions", q_positions_BT, (B, Tq)),
-                           ("kv_positions", kv_positions_BS, (B, Tk))):
+    for name, x, shape in (
+        ("q_segment_ids", q_segment_ids_BT, (B, Tq)),
+        ("kv_segment_ids", kv_segment_ids_BS, (B, Tk)),
+        ("q_positions", q_positions_BT, (B, Tq)),
+        ("kv_positions", kv_positions_BS, (B, Tk)),
+    ):
         if x is not None and (tuple(x.shape) != shape or not jnp.issubdtype(x.dtype, jnp.integer)):
-            raise ValueError(f"{name} must be an integer array of shape {shape}; got {x.dtype}{tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must be an integer array of shape {shape}; got {x.dtype}{tuple(x.shape)}"
+            )
     if (q_segment_ids_BT is None) != (kv_segment_ids_BS is None):
         raise ValueError("give segment ids for both queries and keys, or for neither")
     if window is not None and (int(window) != window or window < 1):
@@ -466,20 +574,42 @@ def check_inputs(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT=None, kv_segment_ids_B
         raise ValueError(f"softcap={softcap} must be positive")
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "window", "softcap", "scale", "block_sizes",
-                                             "interpret"))
-def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_segment_ids_BS=None,
-                    q_positions_BT=None, kv_positions_BS=None, causal: bool = True, window: int | None = None,
-                    softcap: float | None = None, scale: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+@functools.partial(
+    jax.jit, static_argnames=("causal", "window", "softcap", "scale", "block_sizes", "interpret")
+)
+def flash_attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    *,
+    q_segment_ids_BT=None,
+    kv_segment_ids_BS=None,
+    q_positions_BT=None,
+    kv_positions_BS=None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+):
     """Attention output [B, Tq, N, H] (input dtype) and log-sum-exp [B, Tq, N] (float32, natural log).
 
     Both outputs are differentiable in q, k and v. Positions default to 0..T-1 for queries and keys
     alike (so causal with Tq != Tk is top-left aligned); pass them to place blocks anywhere.
     `interpret=None` interprets everywhere but on a GPU.
     """
-    check_inputs(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_positions_BT, kv_positions_BS,
-                 window, softcap)
+    check_inputs(
+        q_BTNH,
+        k_BSKH,
+        v_BSKH,
+        q_segment_ids_BT,
+        kv_segment_ids_BS,
+        q_positions_BT,
+        kv_positions_BS,
+        window,
+        softcap,
+    )
     B, Tq, N, H = q_BTNH.shape
     Tk = k_BSKH.shape[1]
     if q_BTNH.dtype not in SUPPORTED_DTYPES:
@@ -491,24 +621,33 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_segment
     min_block = 1 if interpret else 16
     for name, size in blocks.blocks().items():
         if not _is_pow2(size) or size < min_block:
-            raise ValueError(f"BlockSizes.{name}={size} must be a power of two"
-                             + ("" if interpret else " >= 16 (Triton's smallest dot tile)"))
+            raise ValueError(
+                f"BlockSizes.{name}={size} must be a power of two"
+                + ("" if interpret else " >= 16 (Triton's smallest dot tile)")
+            )
     # Shrink blocks to the sequence (rounded up to a power of two, and to 16 for Triton's dot).
     q_cap, k_cap = max(min_block, pl.next_power_of_2(Tq)), max(min_block, pl.next_power_of_2(Tk))
     blocks = dataclasses.replace(
         blocks,
-        block_q=min(blocks.block_q, q_cap), block_q_dq=min(blocks.block_q_dq, q_cap),
+        block_q=min(blocks.block_q, q_cap),
+        block_q_dq=min(blocks.block_q_dq, q_cap),
         block_q_dkv=min(blocks.block_q_dkv, q_cap),
-        block_k=min(blocks.block_k, k_cap), block_k_dq=min(blocks.block_k_dq, k_cap),
-        block_k_dkv=min(blocks.block_k_dkv, k_cap))
+        block_k=min(blocks.block_k, k_cap),
+        block_k_dq=min(blocks.block_k_dq, k_cap),
+        block_k_dkv=min(blocks.block_k_dkv, k_cap),
+    )
     Tq_pad = round_up(Tq, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
     Tk_pad = round_up(Tk, max(blocks.block_k, blocks.block_k_dq, blocks.block_k_dkv))
     H_pad = max(16, pl.next_power_of_2(H))
 
     scale = H**-0.5 if scale is None else float(scale)
-    spec = MaskSpec(causal=bool(causal), window=None if window is None else int(window),
-                    softcap=None if softcap is None else float(softcap), scale=scale,
-                    kv_len=Tk if Tk_pad != Tk else None)
+    spec = MaskSpec(
+        causal=bool(causal),
+        window=None if window is None else int(window),
+        softcap=None if softcap is None else float(softcap),
+        scale=scale,
+        kv_len=Tk if Tk_pad != Tk else None,
+    )
 
     def pad(x, length, edge=False):
         widths = [(0, 0)] * x.ndim
@@ -519,15 +658,35 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_segment
             return x
         return jnp.pad(x, widths, mode="edge" if edge else "constant")
 
-    q_pos = pad(jnp.broadcast_to(jnp.arange(Tq, dtype=jnp.int32), (B, Tq)) if q_positions_BT is None
-                else q_positions_BT.astype(jnp.int32), Tq_pad, edge=True)
-    kv_pos = pad(jnp.broadcast_to(jnp.arange(Tk, dtype=jnp.int32), (B, Tk)) if kv_positions_BS is None
-                 else kv_positions_BS.astype(jnp.int32), Tk_pad, edge=True)
+    q_pos = pad(
+        jnp.broadcast_to(jnp.arange(Tq, dtype=jnp.int32), (B, Tq))
+        if q_positions_BT is None
+        else q_positions_BT.astype(jnp.int32),
+        Tq_pad,
+        edge=True,
+    )
+    kv_pos = pad(
+        jnp.broadcast_to(jnp.arange(Tk, dtype=jnp.int32), (B, Tk))
+        if kv_positions_BS is None
+        else kv_positions_BS.astype(jnp.int32),
+        Tk_pad,
+        edge=True,
+    )
     q_seg = None if q_segment_ids_BT is None else pad(q_segment_ids_BT.astype(jnp.int32), Tq_pad, edge=True)
-    kv_seg = None if kv_segment_ids_BS is None else pad(kv_segment_ids_BS.astype(jnp.int32), Tk_pad, edge=True)
+    kv_seg = (
+        None if kv_segment_ids_BS is None else pad(kv_segment_ids_BS.astype(jnp.int32), Tk_pad, edge=True)
+    )
 
-    o, lse_BNT = _flash(_Static(spec, blocks, bool(interpret)), pad(q_BTNH, Tq_pad), pad(k_BSKH, Tk_pad),
-                        pad(v_BSKH, Tk_pad), q_pos, kv_pos, q_seg, kv_seg)
+    o, lse_BNT = _flash(
+        _Static(spec, blocks, bool(interpret)),
+        pad(q_BTNH, Tq_pad),
+        pad(k_BSKH, Tk_pad),
+        pad(v_BSKH, Tk_pad),
+        q_pos,
+        kv_pos,
+        q_seg,
+        kv_seg,
+    )
     return o[:, :Tq, :, :H], jnp.swapaxes(lse_BNT[:, :, :Tq], 1, 2)
 
 
@@ -535,14 +694,34 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_segment
 # Reference.
 
 
-def reference_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_segment_ids_BS=None,
-                        q_positions_BT=None, kv_positions_BS=None, causal: bool = True, window: int | None = None,
-                        softcap: float | None = None, scale: float | None = None):
+def reference_attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    *,
+    q_segment_ids_BT=None,
+    kv_segment_ids_BS=None,
+    q_positions_BT=None,
+    kv_positions_BS=None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+):
     """Dense attention in plain jnp: the definition the kernels are tested against, and the `xla`
     implementation for short sequences. Materialises [B, N, Tq, Tk] logits. Softmax in float32 (float64
     when the inputs are float64, as in the tests' reference). Returns (out_BTNH, lse_BTN)."""
-    check_inputs(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS, q_positions_BT, kv_positions_BS,
-                 window, softcap)
+    check_inputs(
+        q_BTNH,
+        k_BSKH,
+        v_BSKH,
+        q_segment_ids_BT,
+        kv_segment_ids_BS,
+        q_positions_BT,
+        kv_positions_BS,
+        window,
+        softcap,
+    )
     B, Tq, N, H = q_BTNH.shape
     Tk, K = k_BSKH.shape[1], k_BSKH.shape[2]
     acc_dtype = jnp.promote_types(q_BTNH.dtype, jnp.float32)
@@ -567,13 +746,16 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_seg
     l = jnp.sum(p, axis=-1, keepdims=True)
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
-    out = jnp.einsum("bkgts,bskh->btkgh", (p / l_safe).astype(v_BSKH.dtype), v_BSKH,
-                     preferred_element_type=acc_dtype)
+    out = jnp.einsum(
+        "bkgts,bskh->btkgh", (p / l_safe).astype(v_BSKH.dtype), v_BSKH, preferred_element_type=acc_dtype
+    )
     lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)[..., 0]  # [B, K, G, T]
     return out.reshape(B, Tq, N, H).astype(q_BTNH.dtype), lse.reshape(B, N, Tq).swapaxes(1, 2)
 
 
-def flops(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, causal: bool, backward: bool) -> float:
+def flops(
+    batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, causal: bool, backward: bool
+) -> float:
     """Matmul FLOPs by the usual FlashAttention convention: 4*B*N*Tq*Tk*H forward (halved when causal
     and Tq == Tk), backward 2.5x forward (5 matmuls, one a recompute)."""
     fwd = 4.0 * batch * heads * q_len * kv_len * head_dim
@@ -582,6 +764,17 @@ def flops(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, causal
     return fwd * (3.5 if backward else 1.0)
 
 
-__all__ = ["BlockSizes", "MaskSpec", "flash_attention", "reference_attention", "check_inputs", "flops",
-           "default_interpret", "visible", "block_may_attend", "capped", "softcap_grad", "MASKED"]
-
+__all__ = [
+    "BlockSizes",
+    "MaskSpec",
+    "flash_attention",
+    "reference_attention",
+    "check_inputs",
+    "flops",
+    "default_interpret",
+    "visible",
+    "block_may_attend",
+    "capped",
+    "softcap_grad",
+    "MASKED",
+]

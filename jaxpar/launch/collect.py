@@ -20,6 +20,7 @@ from typing import Any
 
 from jaxpar.launch.job import LAUNCH_FILE, REPO_ROOT, STATUS_FILE, read_json
 from jaxpar.launch.sweep import read_manifest
+from jaxpar.train.metrics import read_metrics
 
 METRICS = "metrics.jsonl"
 # Candidate curve keys in order of preference, and whether lower is better.
@@ -46,17 +47,12 @@ class Run:
 
 
 def read_records(path: str) -> list[dict]:
-    """metrics.jsonl, tolerating a torn last line (a run killed mid-write)."""
-    records = []
+    """The records of a run's metrics.jsonl ([] when the run has none yet, or its file is damaged beyond a
+    torn last line: the run then shows no metrics instead of stopping the whole table)."""
     try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
-    except OSError:
-        pass
+        records = read_metrics(path)
+    except (OSError, ValueError):
+        return []
     return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
 
 
@@ -72,14 +68,20 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def summarize(workdir: str, name: str | None = None, overrides: dict | None = None,
-              metric: str | None = None) -> Run:
+def summarize(
+    workdir: str, name: str | None = None, overrides: dict | None = None, metric: str | None = None
+) -> Run:
     launch = read_json(os.path.join(workdir, LAUNCH_FILE))
     status = read_json(os.path.join(workdir, STATUS_FILE)) or {}
     records = read_records(os.path.join(workdir, METRICS))
     overrides = overrides if overrides is not None else (launch or {}).get("overrides", {})
-    run = Run(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir, overrides=overrides,
-              status="not started", total_steps=_total_steps(workdir, launch))
+    run = Run(
+        name=name or os.path.basename(os.path.normpath(workdir)),
+        workdir=workdir,
+        overrides=overrides,
+        status="not started",
+        total_steps=_total_steps(workdir, launch),
+    )
     keys = [(metric, True)] if metric else CURVE_KEYS
     for key, lower_is_better in keys:
         curve = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
@@ -105,8 +107,11 @@ def summarize(workdir: str, name: str | None = None, overrides: dict | None = No
 
 def _status(run: Run, status: dict) -> tuple[str, str]:
     state = status.get("state")
-    at = "" if run.last_step is None else f"at step {run.last_step}" + (
-        f"/{run.total_steps}" if run.total_steps else "")
+    at = (
+        ""
+        if run.last_step is None
+        else f"at step {run.last_step}" + (f"/{run.total_steps}" if run.total_steps else "")
+    )
     if run.total_steps and run.last_step is not None and run.last_step >= run.total_steps:
         return "completed", ""
     if state == "failed":
@@ -134,8 +139,9 @@ def _slurm_job_gone(job_id: str) -> bool:
     if not shutil.which("squeue"):
         return False
     try:
-        result = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                                timeout=30)
+        result = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     if result.returncode != 0:
@@ -150,24 +156,49 @@ def find_runs(sweep_dir: str) -> list[tuple[str, str, dict | None]]:
     if manifest and manifest.get("points"):
         return [(p["name"], p["workdir"], p.get("overrides", {})) for p in manifest["points"]]
     markers = (METRICS, LAUNCH_FILE, STATUS_FILE, "config.json")
-    runs = [(entry, os.path.join(sweep_dir, entry), None) for entry in sorted(os.listdir(sweep_dir))
-            if os.path.isdir(os.path.join(sweep_dir, entry))
-            and any(os.path.exists(os.path.join(sweep_dir, entry, m)) for m in markers)]
+    runs = [
+        (entry, os.path.join(sweep_dir, entry), None)
+        for entry in sorted(os.listdir(sweep_dir))
+        if os.path.isdir(os.path.join(sweep_dir, entry))
+        and any(os.path.exists(os.path.join(sweep_dir, entry, m)) for m in markers)
+    ]
     if not runs and any(os.path.exists(os.path.join(sweep_dir, m)) for m in markers):
         runs = [(os.path.basename(os.path.normpath(sweep_dir)), sweep_dir, None)]
     return runs
 
 
-COLUMNS = ("run", "status", "detail", "last_step", "metric", "final", "best", "final_eval_loss", "throughput",
-           "throughput_unit", "overrides")
+COLUMNS = (
+    "run",
+    "status",
+    "detail",
+    "last_step",
+    "metric",
+    "final",
+    "best",
+    "final_eval_loss",
+    "throughput",
+    "throughput_unit",
+    "overrides",
+)
 
 
 def rows(runs: list[Run]) -> list[dict[str, Any]]:
-    return [{
-        "run": r.name, "status": r.status, "detail": r.detail, "last_step": r.last_step, "metric": r.metric,
-        "final": r.final, "best": r.best, "final_eval_loss": r.final_eval, "throughput": r.throughput,
-        "throughput_unit": r.throughput_key, "overrides": json.dumps(r.overrides, sort_keys=True),
-    } for r in runs]
+    return [
+        {
+            "run": r.name,
+            "status": r.status,
+            "detail": r.detail,
+            "last_step": r.last_step,
+            "metric": r.metric,
+            "final": r.final,
+            "best": r.best,
+            "final_eval_loss": r.final_eval,
+            "throughput": r.throughput,
+            "throughput_unit": r.throughput_key,
+            "overrides": json.dumps(r.overrides, sort_keys=True),
+        }
+        for r in runs
+    ]
 
 
 def _cell(value) -> str:
@@ -181,9 +212,15 @@ def _cell(value) -> str:
 def markdown(runs: list[Run], title: str) -> str:
     table = rows(runs)
     header = [c for c in COLUMNS if c not in ("overrides", "throughput_unit")]
-    lines = [f"# {title}", "", f"{len(runs)} runs: " + ", ".join(
-        f"{sum(r.status == s for r in runs)} {s}" for s in dict.fromkeys(r.status for r in runs)), "",
-        "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(runs)} runs: "
+        + ", ".join(f"{sum(r.status == s for r in runs)} {s}" for s in dict.fromkeys(r.status for r in runs)),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for row, run in zip(table, runs):
         cells = [_cell(row[c]) for c in header]
         if run.status != "completed":
@@ -243,9 +280,15 @@ def collect(sweep_dir: str, metric: str | None = None) -> tuple[list[Run], dict[
     config = manifest.get("config", "")
     if config.startswith(REPO_ROOT + os.sep):
         config = os.path.relpath(config, REPO_ROOT)
-    title = f"{config} sweep {manifest.get('sweep', '')}".strip() if manifest else \
-        os.path.basename(os.path.normpath(sweep_dir))
-    outputs = {"markdown": os.path.join(sweep_dir, "results.md"), "csv": os.path.join(sweep_dir, "results.csv")}
+    title = (
+        f"{config} sweep {manifest.get('sweep', '')}".strip()
+        if manifest
+        else os.path.basename(os.path.normpath(sweep_dir))
+    )
+    outputs = {
+        "markdown": os.path.join(sweep_dir, "results.md"),
+        "csv": os.path.join(sweep_dir, "results.csv"),
+    }
     with open(outputs["markdown"], "w") as f:
         f.write(markdown(runs, title))
     write_csv(runs, outputs["csv"])

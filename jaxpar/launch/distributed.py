@@ -7,7 +7,8 @@ runtime; it only decides whether and how to call `jax.distributed.initialize`:
                                  JAXPAR_PROCESS_ID: explicit arguments (CPU devices joined through gloo).
   JAXPAR_DISTRIBUTED=1           set by the sbatch scripts and TPU VM commands: `initialize()` with no
                                  arguments, so JAX reads the cluster from SLURM_* variables or TPU metadata.
-  neither, inside a Slurm step   with more than one task (a hand-written `srun` line): as JAXPAR_DISTRIBUTED=1.
+  neither, inside a Slurm step   with more than one task (a hand-written `srun` line): as
+                                 JAXPAR_DISTRIBUTED=1.
 
 JAXPAR_HEARTBEAT_TIMEOUT (seconds, default JAX's 100) bounds how long survivors wait for a dead peer before
 they abort instead of hanging.
@@ -67,12 +68,19 @@ def maybe_initialize(env=None) -> bool:
     if mode == "explicit":
         missing = [name for name in (NUM_PROCESSES, PROCESS_ID) if not env.get(name)]
         if missing:
-            raise ValueError(f"{COORDINATOR}={env[COORDINATOR]!r} is set but {missing} are not; set all three "
-                             "(scripts/submit.py --target=multiprocess does).")
-        jax.distributed.initialize(env[COORDINATOR], num_processes=int(env[NUM_PROCESSES]),
-                                   process_id=int(env[PROCESS_ID]), **kwargs)
+            raise ValueError(
+                f"{COORDINATOR}={env[COORDINATOR]!r} is set but {missing} are not; set all three "
+                "(scripts/submit.py --target=multiprocess does)."
+            )
+        jax.distributed.initialize(
+            env[COORDINATOR], num_processes=int(env[NUM_PROCESSES]), process_id=int(env[PROCESS_ID]), **kwargs
+        )
     else:
         jax.distributed.initialize(**kwargs)
-    print(f"jax.distributed: process {jax.process_index()}/{jax.process_count()}, "
-          f"{jax.local_device_count()} local of {jax.device_count()} devices", file=sys.stderr, flush=True)
+    print(
+        f"jax.distributed: process {jax.process_index()}/{jax.process_count()}, "
+        f"{jax.local_device_count()} local of {jax.device_count()} devices",
+        file=sys.stderr,
+        flush=True,
+    )
     return True

@@ -12,7 +12,8 @@ import dataclasses
 import datetime
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH_FILE = "launch.json"
@@ -36,8 +37,10 @@ def default_entry(config_path: str) -> str:
     root = os.path.dirname(os.path.dirname(config_path))
     entry = os.path.join(root, "experiments", f"train_{family}.py")
     if not os.path.exists(entry):
-        raise LaunchError(f"no entry point for config family {family!r}: {entry} does not exist; pass "
-                          "--entry=experiments/<script>.py.")
+        raise LaunchError(
+            f"no entry point for config family {family!r}: {entry} does not exist; pass "
+            "--entry=experiments/<script>.py."
+        )
     return entry
 
 
@@ -49,8 +52,10 @@ def format_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (tuple, list)):
         return repr(tuple(value))
-    raise LaunchError(f"cannot pass {value!r} ({type(value).__name__}) as a config override; use a bool, "
-                      "number, string or tuple.")
+    raise LaunchError(
+        f"cannot pass {value!r} ({type(value).__name__}) as a config override; use a bool, "
+        "number, string or tuple."
+    )
 
 
 def override_flags(overrides: Mapping[str, Any]) -> list[str]:
@@ -73,8 +78,10 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
                 raise KeyError(leaf)
             node[leaf] = value
         except (KeyError, TypeError, AttributeError) as error:
-            raise LaunchError(f"override config.{key}={value!r} does not fit the config ({type(error).__name__}: "
-                              f"{error}); check the key against the config file.") from None
+            raise LaunchError(
+                f"override config.{key}={value!r} does not fit the config ({type(error).__name__}: "
+                f"{error}); check the key against the config file."
+            ) from None
     return config
 
 
@@ -100,7 +107,7 @@ class Job:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def write_json(path: str, record: dict) -> None:
@@ -120,9 +127,17 @@ def read_json(path: str) -> dict | None:
 
 
 def write_launch_record(job: Job, target: str, **extra) -> None:
-    record = {"target": target, "created": now(), "entry": os.path.abspath(job.entry), "config": job.config,
-              "workdir": os.path.abspath(job.workdir), "overrides": dict(job.overrides),
-              "total_steps": job.total_steps, "command": job.argv("python")[1:], **extra}
+    record = {
+        "target": target,
+        "created": now(),
+        "entry": os.path.abspath(job.entry),
+        "config": job.config,
+        "workdir": os.path.abspath(job.workdir),
+        "overrides": dict(job.overrides),
+        "total_steps": job.total_steps,
+        "command": job.argv("python")[1:],
+        **extra,
+    }
     write_json(os.path.join(job.workdir, LAUNCH_FILE), record)
 
 

@@ -71,8 +71,13 @@ class _Forward:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM if self.count == 1 else signal.SIGKILL)
         if self.count == 1:
-            print(f"[launcher] {signal.Signals(signum).name}: asked the training to checkpoint and exit (send it "
-                  "again to kill)", file=sys.stderr, flush=True)
+            print(
+                f"[launcher] {signal.Signals(signum).name}: asked the training to checkpoint and exit "
+                "(send it "
+                "again to kill)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -96,8 +101,9 @@ def _record_end(workdir: str, codes: list[int | None], signalled: int | None, **
         state = "stopped" if signalled else "exited"  # collect compares the steps reached with the total
     else:
         state = "failed"
-    write_status(workdir, state, exit_codes=codes,
-                 signal=signal.Signals(signalled).name if signalled else None, **info)
+    write_status(
+        workdir, state, exit_codes=codes, signal=signal.Signals(signalled).name if signalled else None, **info
+    )
 
 
 @dataclasses.dataclass
@@ -126,26 +132,48 @@ def _pump(stream, log_path: str, echo) -> None:
                 echo.flush()
 
 
-def multiprocess_env(index: int, num_processes: int, port: int, devices_per_process: int,
-                     heartbeat_timeout: int, base: dict | None = None) -> dict:
+def multiprocess_env(
+    index: int,
+    num_processes: int,
+    port: int,
+    devices_per_process: int,
+    heartbeat_timeout: int,
+    base: dict | None = None,
+) -> dict:
     env = dict(os.environ if base is None else base)
-    xla_flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(
-        "--xla_force_host_platform_device_count")]
-    env.update({
-        distributed.COORDINATOR: f"127.0.0.1:{port}",
-        distributed.NUM_PROCESSES: str(num_processes),
-        distributed.PROCESS_ID: str(index),
-        distributed.HEARTBEAT_TIMEOUT: str(heartbeat_timeout),
-        "XLA_FLAGS": " ".join([*xla_flags, f"--xla_force_host_platform_device_count={devices_per_process}"]),
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONUNBUFFERED": "1",  # logs as they happen, and nothing lost when a process is killed
-    })
+    xla_flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    env.update(
+        {
+            distributed.COORDINATOR: f"127.0.0.1:{port}",
+            distributed.NUM_PROCESSES: str(num_processes),
+            distributed.PROCESS_ID: str(index),
+            distributed.HEARTBEAT_TIMEOUT: str(heartbeat_timeout),
+            "XLA_FLAGS": " ".join(
+                [*xla_flags, f"--xla_force_host_platform_device_count={devices_per_process}"]
+            ),
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONUNBUFFERED": "1",  # logs as they happen, and nothing lost when a process is killed
+        }
+    )
     return env
 
 
-def run_multiprocess(job: Job, num_processes: int, devices_per_process: int, *, python: str = sys.executable,
-                     port: int = 0, heartbeat_timeout: int = 60, grace: float | None = None,
-                     env: dict | None = None, out=None) -> tuple[int, list[ProcessReport]]:
+def run_multiprocess(
+    job: Job,
+    num_processes: int,
+    devices_per_process: int,
+    *,
+    python: str = sys.executable,
+    port: int = 0,
+    heartbeat_timeout: int = 60,
+    grace: float | None = None,
+    env: dict | None = None,
+    out=None,
+) -> tuple[int, list[ProcessReport]]:
     """Runs `num_processes` copies of the job as one JAX job; returns (exit code, per-process reports).
 
     Exit code: 0 when every process exited 0, else the first failure's code (1 for a signal). A process
@@ -153,27 +181,47 @@ def run_multiprocess(job: Job, num_processes: int, devices_per_process: int, *, 
     the launcher forwarded a SIGTERM, is terminated and reported as such: a hang must show, not hide.
     """
     if num_processes < 1 or devices_per_process < 1:
-        raise ValueError(f"num_processes={num_processes} and devices_per_process={devices_per_process} must "
-                         "be >= 1.")
+        raise ValueError(
+            f"num_processes={num_processes} and devices_per_process={devices_per_process} must be >= 1."
+        )
     out = sys.stdout.buffer if out is None else out
     grace = heartbeat_timeout + 30 if grace is None else grace
     port = port or free_port()
     logs = os.path.join(job.workdir, "logs")
     os.makedirs(logs, exist_ok=True)
-    write_launch_record(job, "multiprocess", num_processes=num_processes,
-                        devices_per_process=devices_per_process, coordinator=f"127.0.0.1:{port}")
+    write_launch_record(
+        job,
+        "multiprocess",
+        num_processes=num_processes,
+        devices_per_process=devices_per_process,
+        coordinator=f"127.0.0.1:{port}",
+    )
     reports = [ProcessReport(i, log=os.path.join(logs, f"process_{i}.log")) for i in range(num_processes)]
     processes, pumps = [], []
     start = time.time()
     with _Forward(lambda: processes) as forward:
         for report in reports:
-            child_env = multiprocess_env(report.index, num_processes, port, devices_per_process,
-                                         heartbeat_timeout, base={**os.environ, **(env or {})})
-            process = subprocess.Popen(job.argv(python), env=child_env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            child_env = multiprocess_env(
+                report.index,
+                num_processes,
+                port,
+                devices_per_process,
+                heartbeat_timeout,
+                base={**os.environ, **(env or {})},
+            )
+            process = subprocess.Popen(
+                job.argv(python),
+                env=child_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             processes.append(process)
-            pump = threading.Thread(target=_pump, args=(process.stdout, report.log,
-                                                        out if report.index == 0 else None), daemon=True)
+            pump = threading.Thread(
+                target=_pump,
+                args=(process.stdout, report.log, out if report.index == 0 else None),
+                daemon=True,
+            )
             pump.start()
             pumps.append(pump)
         write_status(job.workdir, "running", launcher_pid=os.getpid(), pids=[p.pid for p in processes])
@@ -184,8 +232,12 @@ def run_multiprocess(job: Job, num_processes: int, devices_per_process: int, *, 
                     report.code, report.ended_at = process.returncode, time.time()
                     if report.code != 0 and first_failure is None:
                         first_failure = report.ended_at
-                        print(f"[launcher] process {report.index} {describe_exit(report.code)}; waiting up to "
-                              f"{grace:.0f}s for the others to stop", file=sys.stderr, flush=True)
+                        print(
+                            f"[launcher] process {report.index} {describe_exit(report.code)}; waiting up to "
+                            f"{grace:.0f}s for the others to stop",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             # a process that outlives a failed peer, or a SIGTERM, by `grace` seconds is hung: end it, say so
             since = min((t for t in (first_failure, forward.received_at) if t is not None), default=None)
             if since is not None and time.time() - since > grace:
@@ -194,8 +246,7 @@ def run_multiprocess(job: Job, num_processes: int, devices_per_process: int, *, 
     for pump in pumps:
         pump.join(timeout=10)
     codes = [r.code for r in reports]
-    _record_end(job.workdir, codes, forward.received,
-                processes=[r.line(start) for r in reports])
+    _record_end(job.workdir, codes, forward.received, processes=[r.line(start) for r in reports])
     failed = [r for r in reports if r.code != 0]
     print("[launcher] " + ("all processes exited 0" if not failed else "FAILED"), file=sys.stderr)
     for report in reports:
@@ -212,7 +263,7 @@ def _terminate(running: list[tuple[ProcessReport, subprocess.Popen]]) -> None:
         report.killed_by_launcher = True
         process.terminate()
     deadline = time.time() + 10
-    for report, process in running:
+    for _, process in running:
         try:
             process.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
@@ -221,7 +272,8 @@ def _terminate(running: list[tuple[ProcessReport, subprocess.Popen]]) -> None:
 
 
 _TELLING = re.compile(
-    r"^(F\d{4} .*|\w*(Error|Exception)\b.*|error: .*|.*Terminating process.*|.*heartbeat timeout.*)$")
+    r"^(F\d{4} .*|\w*(Error|Exception)\b.*|error: .*|.*Terminating process.*|.*heartbeat timeout.*)$"
+)
 
 
 def _last_words(path: str, tail: int = 6) -> str:

@@ -47,11 +47,14 @@ class SlurmOptions:
 
     def __post_init__(self):
         if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1 or self.gpus_per_task < 0:
-            raise LaunchError(f"nodes={self.nodes}, tasks_per_node={self.tasks_per_node}, cpus_per_task="
-                              f"{self.cpus_per_task} must be >= 1 and gpus_per_task={self.gpus_per_task} >= 0.")
+            raise LaunchError(
+                f"nodes={self.nodes}, tasks_per_node={self.tasks_per_node}, cpus_per_task="
+                f"{self.cpus_per_task} must be >= 1 and gpus_per_task={self.gpus_per_task} >= 0."
+            )
         if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", self.time):
-            raise LaunchError(f"time={self.time!r} is not a Slurm time limit; write MINUTES, HH:MM:SS or "
-                              "D-HH:MM:SS.")
+            raise LaunchError(
+                f"time={self.time!r} is not a Slurm time limit; write MINUTES, HH:MM:SS or D-HH:MM:SS."
+            )
 
 
 def _sbatch_lines(options: SlurmOptions, output: str, array: str | None) -> list[str]:
@@ -141,8 +144,9 @@ def render_script(jobs: list[Job], options: SlurmOptions, output: str, comment: 
     entries = {os.path.abspath(j.entry) for j in jobs}
     configs = {j.config for j in jobs}
     if len(entries) != 1 or len(configs) != 1:
-        raise LaunchError(f"one script runs one entry and one config file; got {sorted(entries)} and "
-                          f"{sorted(configs)}.")
+        raise LaunchError(
+            f"one script runs one entry and one config file; got {sorted(entries)} and {sorted(configs)}."
+        )
     first = jobs[0]
     config_arg = first.args()[1].removeprefix("--config=")
     array = None
@@ -157,9 +161,12 @@ def render_script(jobs: list[Job], options: SlurmOptions, output: str, comment: 
         "set -uo pipefail",
         f"cd {shlex.quote(REPO_ROOT)}",
         *options.setup,
-        "export JAXPAR_DISTRIBUTED=1  # the experiment calls jax.distributed.initialize(), which reads SLURM_*",
-        *(["export JAXPAR_LOCAL_DEVICES=visible  # each task drives all the GPUs Slurm gives it"]
-          if options.gpus_per_task or options.tasks_per_node == 1 else []),
+        "export JAXPAR_DISTRIBUTED=1  # the experiment calls jax.distributed.initialize(): it reads SLURM_*",
+        *(
+            ["export JAXPAR_LOCAL_DEVICES=visible  # each task drives all the GPUs Slurm gives it"]
+            if options.gpus_per_task or options.tasks_per_node == 1
+            else []
+        ),
         *[f"export {key}={shlex.quote(value)}" for key, value in options.env],
         "",
         f"PYTHON={shlex.quote(options.python)}",
@@ -167,17 +174,21 @@ def render_script(jobs: list[Job], options: SlurmOptions, output: str, comment: 
         f"CONFIG={shlex.quote(config_arg)}",
     ]
     if len(jobs) == 1:
-        header += [f"WORKDIR={shlex.quote(os.path.abspath(first.workdir))}",
-                   f"OVERRIDES=({_words(first)})"]
+        header += [f"WORKDIR={shlex.quote(os.path.abspath(first.workdir))}", f"OVERRIDES=({_words(first)})"]
     else:
         header.append('case "$SLURM_ARRAY_TASK_ID" in')
         for index, job in enumerate(jobs):
-            header.append(f"  {index}) WORKDIR={shlex.quote(os.path.abspath(job.workdir))}; "
-                          f"OVERRIDES=({_words(job)}) ;;")
-        header += ['  *) echo "no sweep point for array index $SLURM_ARRAY_TASK_ID"; exit 2 ;;', "esac",
-                   "# this task's Slurm log, linked into its workdir",
-                   f'mkdir -p "$WORKDIR" && ln -sfn {shlex.quote(os.path.dirname(output))}'
-                   '/"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}.out" "$WORKDIR/slurm.out"']
+            header.append(
+                f"  {index}) WORKDIR={shlex.quote(os.path.abspath(job.workdir))}; "
+                f"OVERRIDES=({_words(job)}) ;;"
+            )
+        header += [
+            '  *) echo "no sweep point for array index $SLURM_ARRAY_TASK_ID"; exit 2 ;;',
+            "esac",
+            "# this task's Slurm log, linked into its workdir",
+            f'mkdir -p "$WORKDIR" && ln -sfn {shlex.quote(os.path.dirname(output))}'
+            '/"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}.out" "$WORKDIR/slurm.out"',
+        ]
     return "\n".join(header) + "\n" + _BODY
 
 
@@ -188,24 +199,34 @@ def _words(job: Job) -> str:
 def sbatch(script_path: str, env: dict | None = None) -> str:
     """Submits; returns the job id."""
     try:
-        result = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True,
-                                env={**os.environ, **(env or {})}, timeout=120)
+        result = subprocess.run(
+            ["sbatch", "--parsable", script_path],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=120,
+        )
     except FileNotFoundError:
-        raise LaunchError("sbatch not found: run this on a Slurm login node (or where Slurm's client "
-                          f"commands are on PATH). The script is ready: {script_path}") from None
+        raise LaunchError(
+            "sbatch not found: run this on a Slurm login node (or where Slurm's client "
+            f"commands are on PATH). The script is ready: {script_path}"
+        ) from None
     if result.returncode != 0:
         raise LaunchError(f"sbatch {script_path} failed ({result.returncode}): {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]
 
 
-def submit(jobs: list[Job], options: SlurmOptions, script_dir: str, *, dry_run: bool = False,
-           comment: str = "") -> tuple[str, str | None]:
+def submit(
+    jobs: list[Job], options: SlurmOptions, script_dir: str, *, dry_run: bool = False, comment: str = ""
+) -> tuple[str, str | None]:
     """Writes `script_dir/job.sbatch` (a single job) or `script_dir/sweep.sbatch` (an array) and submits it
     unless dry_run; returns (script path, job id or None). Every job's workdir gets launch.json."""
     os.makedirs(script_dir, exist_ok=True)
     if len(jobs) == 1:
-        path, output = os.path.join(script_dir, "job.sbatch"), os.path.join(os.path.abspath(script_dir),
-                                                                             "slurm-%j.out")
+        path, output = (
+            os.path.join(script_dir, "job.sbatch"),
+            os.path.join(os.path.abspath(script_dir), "slurm-%j.out"),
+        )
     else:
         logs = os.path.join(os.path.abspath(script_dir), "slurm")
         os.makedirs(logs, exist_ok=True)
@@ -226,8 +247,13 @@ def submit(jobs: list[Job], options: SlurmOptions, script_dir: str, *, dry_run: 
 def job_states(job_id: str, env: dict | None = None) -> dict[str, tuple[str, str]]:
     """{job id (array tasks as '<array>_<index>'): (state, exit code 'N:S')} from `scontrol show job`;
     completed jobs stay visible for the cluster's MinJobAge."""
-    result = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, timeout=60)
+    result = subprocess.run(
+        ["scontrol", "show", "job", "-o", str(job_id)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
     states = {}
     for line in result.stdout.splitlines():
         fields = dict(re.findall(r"(\w+)=(\S*)", line))

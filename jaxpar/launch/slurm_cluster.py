@@ -25,7 +25,8 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 
 def find_binary(name: str) -> str | None:
     return shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
 
 
 def missing_binaries() -> list[str]:
@@ -70,12 +71,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket}
-StateSaveLocation={self._path('state')}
-SlurmdSpoolDir={self._path('spool')}
-SlurmctldPidFile={self._path('slurmctld.pid')}
-SlurmdPidFile={self._path('slurmd.pid')}
-SlurmctldLogFile={self._path('log', 'slurmctld.log')}
-SlurmdLogFile={self._path('log', 'slurmd.log')}
+StateSaveLocation={self._path("state")}
+SlurmdSpoolDir={self._path("spool")}
+SlurmctldPidFile={self._path("slurmctld.pid")}
+SlurmdPidFile={self._path("slurmd.pid")}
+SlurmctldLogFile={self._path("log", "slurmctld.log")}
+SlurmdLogFile={self._path("log", "slurmd.log")}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -83,7 +84,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 JobCompType=jobcomp/filetxt
-JobCompLoc={self._path('log', 'jobcomp.txt')}
+JobCompLoc={self._path("log", "jobcomp.txt")}
 MpiDefault=none
 ReturnToService=2
 KillWait={self.kill_wait}
@@ -100,29 +101,50 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def start(self, timeout: float = 60) -> None:
         missing = missing_binaries()
         if missing:
-            raise RuntimeError(f"Slurm/munge binaries missing: {missing}; install Debian's slurm-wlm and munge.")
+            raise RuntimeError(
+                f"Slurm/munge binaries missing: {missing}; install Debian's slurm-wlm and munge."
+            )
         self.write_config()
         key = self._path("munge", "munge.key")
         with open(key, "wb") as f:
             f.write(os.urandom(1024))
         os.chmod(key, 0o400)
-        self._daemon("munged", [find_binary("munged"), "--force", f"--socket={self.munge_socket}",
-                                f"--key-file={key}", f"--pid-file={self._path('munge', 'munged.pid')}",
-                                f"--log-file={self._path('log', 'munged.log')}",
-                                f"--seed-file={self._path('munge', 'munged.seed')}"],
-                     self._path("munge", "munged.pid"), timeout)
-        self._daemon("slurmctld", [find_binary("slurmctld"), "-f", self.conf, "-c", "-i"],
-                     self._path("slurmctld.pid"), timeout)
-        self._daemon("slurmd", [find_binary("slurmd"), "-f", self.conf, "-N", self.node],
-                     self._path("slurmd.pid"), timeout)
+        self._daemon(
+            "munged",
+            [
+                find_binary("munged"),
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={self._path('munge', 'munged.pid')}",
+                f"--log-file={self._path('log', 'munged.log')}",
+                f"--seed-file={self._path('munge', 'munged.seed')}",
+            ],
+            self._path("munge", "munged.pid"),
+            timeout,
+        )
+        self._daemon(
+            "slurmctld",
+            [find_binary("slurmctld"), "-f", self.conf, "-c", "-i"],
+            self._path("slurmctld.pid"),
+            timeout,
+        )
+        self._daemon(
+            "slurmd",
+            [find_binary("slurmd"), "-f", self.conf, "-N", self.node],
+            self._path("slurmd.pid"),
+            timeout,
+        )
         self.wait_for_node(timeout)
 
     def _daemon(self, name: str, argv: list[str], pid_file: str, timeout: float) -> None:
         """Starts a daemon that forks into the background and records its PID in `pid_file`."""
         result = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
-            raise RuntimeError(f"{name} failed to start ({result.returncode}): {result.stderr.strip()}\n"
-                               f"{self.log_tail(name)}")
+            raise RuntimeError(
+                f"{name} failed to start ({result.returncode}): {result.stderr.strip()}\n"
+                f"{self.log_tail(name)}"
+            )
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -155,20 +177,24 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if state.startswith("IDLE"):
                 return
             time.sleep(0.3)
-        raise RuntimeError(f"node {self.node} not idle after {timeout}s (state {state!r})\n"
-                           f"{self.log_tail('slurmctld')}\n{self.log_tail('slurmd')}")
+        raise RuntimeError(
+            f"node {self.node} not idle after {timeout}s (state {state!r})\n"
+            f"{self.log_tail('slurmctld')}\n{self.log_tail('slurmd')}"
+        )
 
     def cancel_all(self, timeout: float = 60) -> None:
         """Cancels this cluster's jobs and waits for them to end: a job's processes belong to slurmstepd,
         which outlives slurmd."""
         if "slurmctld" not in self.pids:
             return
-        subprocess.run(["scancel", "--full", "--user", str(os.getuid())], env=self.env, capture_output=True,
-                       timeout=60)
+        subprocess.run(
+            ["scancel", "--full", "--user", str(os.getuid())], env=self.env, capture_output=True, timeout=60
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
-            result = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True,
-                                    timeout=60)
+            result = subprocess.run(
+                ["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True, timeout=60
+            )
             if result.returncode != 0 or not result.stdout.strip():
                 return
             time.sleep(0.5)

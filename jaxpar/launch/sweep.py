@@ -20,7 +20,8 @@ import importlib.util
 import itertools
 import os
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from jaxpar.launch.job import LaunchError, format_value, read_json, write_json
 
@@ -74,7 +75,9 @@ def chain(*sweeps: list[Point]) -> list[Point]:
 def _merge(point: Point, part: Point) -> None:
     clash = set(point) & set(part)
     if clash:
-        raise LaunchError(f"sweep key(s) {sorted(clash)} set twice in one point; each key belongs to one axis.")
+        raise LaunchError(
+            f"sweep key(s) {sorted(clash)} set twice in one point; each key belongs to one axis."
+        )
     point.update(part)
 
 
@@ -112,7 +115,9 @@ def load_sweep(config_path: str, name: str) -> list[Point]:
     except (KeyError, ValueError) as error:
         raise LaunchError(f"{config_path}: get_sweep({name!r}) failed: {error}") from None
     if not isinstance(points, list) or not points or not all(isinstance(p, Mapping) for p in points):
-        raise LaunchError(f"{config_path}: get_sweep({name!r}) must return a non-empty list of override dicts.")
+        raise LaunchError(
+            f"{config_path}: get_sweep({name!r}) must return a non-empty list of override dicts."
+        )
     return [dict(p) for p in points]
 
 

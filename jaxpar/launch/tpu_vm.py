@@ -34,8 +34,10 @@ class TpuVmOptions:
 
     def __post_init__(self):
         if not self.tpu or not self.zone:
-            raise LaunchError("the tpu-vm target needs --tpu=NAME and --zone=ZONE (an existing TPU VM; create one "
-                              "with `gcloud compute tpus tpu-vm create`).")
+            raise LaunchError(
+                "the tpu-vm target needs --tpu=NAME and --zone=ZONE (an existing TPU VM; create one "
+                "with `gcloud compute tpus tpu-vm create`)."
+            )
 
 
 def _gcloud(options: TpuVmOptions, verb: str, *args: str) -> list[str]:
@@ -47,7 +49,9 @@ def _ssh(options: TpuVmOptions, remote: str) -> list[str]:
     return _gcloud(options, "ssh", options.tpu, f"--command={remote}")
 
 
-def commands(jobs: list[Job], options: TpuVmOptions, repo_root: str = REPO_ROOT) -> list[tuple[str, list[str]]]:
+def commands(
+    jobs: list[Job], options: TpuVmOptions, repo_root: str = REPO_ROOT
+) -> list[tuple[str, list[str]]]:
     """[(comment, argv)]: pack, copy, unpack + install, then one run per job (in order)."""
     if not jobs:
         raise LaunchError("nothing to launch: the job list is empty.")
@@ -56,29 +60,50 @@ def commands(jobs: list[Job], options: TpuVmOptions, repo_root: str = REPO_ROOT)
     q = shlex.quote
     workers = f"worker(s) {options.worker}" if options.worker != "all" else "every worker"
     steps = [
-        ("pack this working tree", ["tar", "-czf", archive, *[f"--exclude={p}" for p in EXCLUDES], "-C", repo_root,
-                                    "."]),
+        (
+            "pack this working tree",
+            ["tar", "-czf", archive, *[f"--exclude={p}" for p in EXCLUDES], "-C", repo_root, "."],
+        ),
         (f"copy it to {workers}", _gcloud(options, "scp", archive, f"{options.tpu}:{remote_archive}")),
-        (f"unpack and install on {workers}", _ssh(options, " && ".join([
-            f"mkdir -p {q(options.remote_dir)}",
-            f"tar -xzf {q(remote_archive)} -C {q(options.remote_dir)}",
-            f"cd {q(options.remote_dir)}",
-            options.setup.format(python=q(options.python)),
-        ]))),
+        (
+            f"unpack and install on {workers}",
+            _ssh(
+                options,
+                " && ".join(
+                    [
+                        f"mkdir -p {q(options.remote_dir)}",
+                        f"tar -xzf {q(remote_archive)} -C {q(options.remote_dir)}",
+                        f"cd {q(options.remote_dir)}",
+                        options.setup.format(python=q(options.python)),
+                    ]
+                ),
+            ),
+        ),
     ]
     env = " ".join(f"{key}={q(value)}" for key, value in (("JAXPAR_DISTRIBUTED", "1"), *options.env))
-    runs = [f"env {env} {q(options.python)} {' '.join(q(a) for a in job.args(root=repo_root))}" for job in jobs]
+    runs = [
+        f"env {env} {q(options.python)} {' '.join(q(a) for a in job.args(root=repo_root))}" for job in jobs
+    ]
     if not options.detach:
         for job, run in zip(jobs, runs):
-            steps.append((f"run on {workers}: {job.workdir}", _ssh(options, f"cd {q(options.remote_dir)} && {run}")))
+            steps.append(
+                (f"run on {workers}: {job.workdir}", _ssh(options, f"cd {q(options.remote_dir)} && {run}"))
+            )
         return steps
     # Detached: one background shell runs the jobs one after another (a TPU serves one process at a time).
     logged = [f"{run} > {q(_log_name(job.workdir))} 2>&1" for job, run in zip(jobs, runs)]
-    background = f"nohup {logged[0]} < /dev/null &" if len(jobs) == 1 else \
-        f"nohup sh -c {q('; '.join(logged))} > /dev/null 2>&1 < /dev/null &"
+    background = (
+        f"nohup {logged[0]} < /dev/null &"
+        if len(jobs) == 1
+        else f"nohup sh -c {q('; '.join(logged))} > /dev/null 2>&1 < /dev/null &"
+    )
     what = jobs[0].workdir if len(jobs) == 1 else f"{len(jobs)} runs, one after another"
-    steps.append((f"start in the background on {workers} (logs in {options.remote_dir}/): {what}",
-                  _ssh(options, f"cd {q(options.remote_dir)} && {background}")))
+    steps.append(
+        (
+            f"start in the background on {workers} (logs in {options.remote_dir}/): {what}",
+            _ssh(options, f"cd {q(options.remote_dir)} && {background}"),
+        )
+    )
     return steps
 
 
@@ -109,8 +134,9 @@ def run(steps: list[tuple[str, list[str]]], echo=print) -> int:
         try:
             code = subprocess.call(argv, cwd=REPO_ROOT)
         except FileNotFoundError:
-            raise LaunchError(f"{argv[0]} not found; install the Google Cloud CLI or use --dry_run to print "
-                              "the commands.") from None
+            raise LaunchError(
+                f"{argv[0]} not found; install the Google Cloud CLI or use --dry_run to print the commands."
+            ) from None
         if code != 0:
             echo(f"step {i} ({comment}) failed with exit code {code}; stopping.")
             return code

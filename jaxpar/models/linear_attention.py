@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxpar.models.params import attention_projections, param as _param, rms_norm
 from jaxpar.parallel import sequence as sequence_lib
+from jaxpar.parallel.per_device import per_device
 from jaxpar.parallel.rules import constrain
 
 # GLA's normaliser: log decay = log_sigmoid(x w + b) / 16 keeps decays near 1 at initialisation.
@@ -52,13 +53,23 @@ def piece_state(k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT):
     last = segment_ids_BT[:, -1]
     same = (segment_ids_BT == last[:, None])[..., None]
     w = jnp.where(same, jnp.exp(jnp.minimum(cum[:, -1:] - cum, 0.0)), 0.0)  # [B, T, K]
-    state = jnp.einsum("btkh,btke->bkhe", k_BTKH.astype(jnp.float32) * w[..., None],
-                       v_BTKH.astype(jnp.float32))
+    state = jnp.einsum(
+        "btkh,btke->bkhe", k_BTKH.astype(jnp.float32) * w[..., None], v_BTKH.astype(jnp.float32)
+    )
     return state, cum[:, -1], last
 
 
-def chunked_linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT=None, *, chunk: int = 64,
-                             initial_state=None, initial_tag=None):
+def chunked_linear_attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    log_decay_BTK,
+    segment_ids_BT=None,
+    *,
+    chunk: int = 64,
+    initial_state=None,
+    initial_tag=None,
+):
     """The definition in chunks of `chunk` tokens (T is padded up to a multiple; padding joins no
     segment). initial_state [B, K, H, H] (float32) enters before the first token and is seen by the
     tokens whose segment is initial_tag [B]. Returns out [B, T, N, H] in q's dtype."""
@@ -72,9 +83,10 @@ def chunked_linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_
         initial_state = jnp.zeros((B, K, H, H), jnp.float32)
         initial_tag = jnp.full((B,), NO_SEGMENT, jnp.int32)
     if pad:
-        widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
-        q_BTNH, k_BTKH, v_BTKH, log_decay_BTK = (jnp.pad(x, widths(x)) for x in (q_BTNH, k_BTKH, v_BTKH,
-                                                                                    log_decay_BTK))
+        widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+        q_BTNH, k_BTKH, v_BTKH, log_decay_BTK = (
+            jnp.pad(x, widths(x)) for x in (q_BTNH, k_BTKH, v_BTKH, log_decay_BTK)
+        )
         seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=NO_SEGMENT)
     n_chunks = (T + pad) // C
 
@@ -82,8 +94,13 @@ def chunked_linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_
         return jnp.moveaxis(x.reshape(B, n_chunks, C, *x.shape[2:]), 1, 0)
 
     f32 = jnp.float32
-    xs = (chunks(q_BTNH.reshape(B, T + pad, K, G, H)), chunks(k_BTKH), chunks(v_BTKH),
-          chunks(log_decay_BTK.astype(f32)), chunks(seg))
+    xs = (
+        chunks(q_BTNH.reshape(B, T + pad, K, G, H)),
+        chunks(k_BTKH),
+        chunks(v_BTKH),
+        chunks(log_decay_BTK.astype(f32)),
+        chunks(seg),
+    )
     causal_CC = jnp.arange(C)[:, None] >= jnp.arange(C)[None, :]
 
     def step(carry, x):
@@ -107,13 +124,16 @@ def chunked_linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_
 
     # Rematerialised: the backward recomputes a chunk's [C, C] decay and score tiles instead of saving
     # them for every chunk (halves the train step's memory; benchmarks/sequence).
-    _, out = jax.lax.scan(jax.checkpoint(step), (initial_state.astype(f32), initial_tag.astype(jnp.int32)), xs)
+    _, out = jax.lax.scan(
+        jax.checkpoint(step), (initial_state.astype(f32), initial_tag.astype(jnp.int32)), xs
+    )
     out = jnp.moveaxis(out, 0, 1).reshape(B, T + pad, N, H)[:, :T]
     return out.astype(q_BTNH.dtype)
 
 
-def lasp2_linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT, *, axis_name: str,
-                           zigzag: int, chunk: int):
+def lasp2_linear_attention(
+    q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT, *, axis_name: str, zigzag: int, chunk: int
+):
     """This device's output of linear attention over a sequence split over `axis_name` (call inside
     shard_map). Pieces: the whole shard (contiguous layout), or its two halves (zigzag over `zigzag`
     ranks; see jaxpar.parallel.sequence.piece_order)."""
@@ -121,24 +141,40 @@ def lasp2_linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT
     T = q_BTNH.shape[1]
     if T % pieces:
         raise ValueError(f"a zigzag shard holds two equal halves; local length {T} is odd")
-    seg = (jnp.zeros(q_BTNH.shape[:2], jnp.int32) if segment_ids_BT is None
-           else segment_ids_BT.astype(jnp.int32))
+    seg = (
+        jnp.zeros(q_BTNH.shape[:2], jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+    )
     L = T // pieces
-    split = lambda x: [x[:, p * L:(p + 1) * L] for p in range(pieces)]  # noqa: E731
+    split = lambda x: [x[:, p * L : (p + 1) * L] for p in range(pieces)]
     qs, ks, vs, gs, ss = (split(x) for x in (q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, seg))
     own = [piece_state(k, v, g, s) for k, v, g, s in zip(ks, vs, gs, ss)]
     states, tags = sequence_lib.lasp2_incoming_states(
-        jnp.stack([o[0] for o in own]), jnp.stack([o[1] for o in own]), jnp.stack([o[2] for o in own]),
-        axis_name=axis_name, zigzag=zigzag)
-    outs = [chunked_linear_attention(q, k, v, g, s, chunk=chunk, initial_state=states[p], initial_tag=tags[p])
-            for p, (q, k, v, g, s) in enumerate(zip(qs, ks, vs, gs, ss))]
+        jnp.stack([o[0] for o in own]),
+        jnp.stack([o[1] for o in own]),
+        jnp.stack([o[2] for o in own]),
+        axis_name=axis_name,
+        zigzag=zigzag,
+    )
+    outs = [
+        chunked_linear_attention(q, k, v, g, s, chunk=chunk, initial_state=states[p], initial_tag=tags[p])
+        for p, (q, k, v, g, s) in enumerate(zip(qs, ks, vs, gs, ss))
+    ]
     return jnp.concatenate(outs, axis=1)
 
 
-def linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT=None, *, chunk: int = 64,
-                     zigzag: int = 1, axis: str = sequence_lib.SEQUENCE_AXIS):
+def linear_attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    log_decay_BTK,
+    segment_ids_BT=None,
+    *,
+    chunk: int = 64,
+    zigzag: int = 1,
+    axis: str = sequence_lib.SEQUENCE_AXIS,
+):
     """Causal (gated) linear attention of global arrays; with the mesh's sequence axis > 1, LASP-2 over
-    it. `zigzag`: the n of the run's layout (1: contiguous; see sequence.run_zigzag_factor)."""
+    it. `zigzag`: the n of the run's layout (1: contiguous; see ModelConfig.zigzag_factor)."""
     n = sequence_lib.sequence_size(axis)
     if n == 1:
         return chunked_linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT, chunk=chunk)
@@ -148,17 +184,25 @@ def linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT=None,
     if zigzag > 1 and n % zigzag:
         raise ValueError(f"a zigzag layout over {zigzag} ranks cannot be spread over {n} sequence shards")
     if T % (pieces * n):
-        raise ValueError(f"sequence length {T} cannot be split into {pieces * n} equal pieces over {n} "
-                         f"sequence shards; use a length divisible by {pieces * n}.")
+        raise ValueError(
+            f"sequence length {T} cannot be split into {pieces * n} equal pieces over {n} "
+            f"sequence shards; use a length divisible by {pieces * n}."
+        )
 
     def local(q, k, v, g, segment_ids):
         return lasp2_linear_attention(q, k, v, g, segment_ids, axis_name=axis, zigzag=zigzag, chunk=chunk)
 
     qkv, rows = ("batch", "length", "heads", None), ("batch", "length")
-    return sequence_lib.shard_over_sequence(
-        local, dict(q=q_BTNH, k=k_BTKH, v=v_BTKH, g=log_decay_BTK, segment_ids=segment_ids_BT),
-        dict(q=qkv, k=qkv, v=qkv, g=("batch", "length", "heads"), segment_ids=rows), qkv, batch=B,
-        heads=(N, K), axis=axis, check_vma=True)
+    return per_device(
+        local,
+        dict(q=q_BTNH, k=k_BTKH, v=v_BTKH, g=log_decay_BTK, segment_ids=segment_ids_BT),
+        dict(q=qkv, k=qkv, v=qkv, g=("batch", "length", "heads"), segment_ids=rows),
+        qkv,
+        batch=B,
+        heads=(N, K),
+        length_axis=axis,
+        check_vma=True,
+    )
 
 
 class LinearAttention(nnx.Module):
@@ -188,17 +232,18 @@ class LinearAttention(nnx.Module):
         names = ("batch", "length", "heads", "head_dim")
         q_BTNH, k_BTKH, v_BTKH = (constrain(x, names) for x in (q_BTNH, k_BTKH, v_BTKH))
         if cfg.linear_gate == "scalar":
-            logits_BTK = jnp.einsum("btd,dk->btk", x_BTD.astype(jnp.float32),
-                                    self.w_gate[...].astype(jnp.float32))
+            logits_BTK = jnp.einsum(
+                "btd,dk->btk", x_BTD.astype(jnp.float32), self.w_gate[...].astype(jnp.float32)
+            )
             log_decay_BTK = jax.nn.log_sigmoid(logits_BTK + self.gate_bias[...].astype(jnp.float32))
             log_decay_BTK = log_decay_BTK / GATE_LOGIT_NORMALIZER
         else:
             log_decay_BTK = jnp.zeros(k_BTKH.shape[:3], jnp.float32)
         log_decay_BTK = constrain(log_decay_BTK, ("batch", "length", "heads"))
-        zigzag = sequence_lib.run_zigzag_factor(cfg, sequence_lib.current_mesh_sizes())
-        out_BTNH = linear_attention(q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT,
-                                    chunk=cfg.linear_chunk, zigzag=zigzag)
+        zigzag = cfg.zigzag_factor(sequence_lib.current_mesh_sizes())
+        out_BTNH = linear_attention(
+            q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT, chunk=cfg.linear_chunk, zigzag=zigzag
+        )
         out_BTNH = constrain(rms_norm(out_BTNH, self.out_scale[...], cfg.norm_eps), names)
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dtype))
         return constrain(out_BTD, ("batch", "length_sp", "act_embed"))
-

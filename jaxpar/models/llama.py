@@ -7,6 +7,8 @@ depth.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -56,13 +58,22 @@ class Attention(nnx.Module):
         q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq[...].astype(dtype))
         k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk[...].astype(dtype))
         v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv[...].astype(dtype))
-        q_BTNH = constrain(rope(q_BTNH, positions_BT, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
-        k_BTKH = constrain(rope(k_BTKH, positions_BT, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+        q_BTNH = constrain(
+            rope(q_BTNH, positions_BT, cfg.rope_theta), ("batch", "length", "heads", "head_dim")
+        )
+        k_BTKH = constrain(
+            rope(k_BTKH, positions_BT, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim")
+        )
         v_BTKH = constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
         # Plain `attention` unless the mesh splits the sequence; then the configured variant.
         out_BTNH = sequence_attention(
-            q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids_BT, causal=True,
-            implementation=cfg.attention_impl, variant=cfg.sequence_parallel,
+            q_BTNH,
+            k_BTKH,
+            v_BTKH,
+            segment_ids=segment_ids_BT,
+            causal=True,
+            implementation=cfg.attention_impl,
+            variant=cfg.sequence_parallel,
             ulysses_degree=cfg.ulysses_degree,
         )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
@@ -164,7 +175,8 @@ class HybridGroup(nnx.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
         graphdef, stacked = nnx.split(self.linear)
         x_BTD, linear_stats = jax.lax.scan(
-            lambda x, p: _run_layer(nnx.merge(graphdef, p), x, positions_BT, segment_ids_BT), x_BTD, stacked)
+            lambda x, p: _run_layer(nnx.merge(graphdef, p), x, positions_BT, segment_ids_BT), x_BTD, stacked
+        )
         x_BTD, stats = _run_layer(self.softmax, x_BTD, positions_BT, segment_ids_BT)
         return x_BTD, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), linear_stats, stats)
 
@@ -187,8 +199,11 @@ class Transformer(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(D, cfg.norm_eps, cfg.param_dtype)
-        self.unembed = None if cfg.tie_embeddings else _param(
-            rngs, (D, V), ("embed", "vocab"), cfg.init_std, cfg.param_dtype)
+        self.unembed = (
+            None
+            if cfg.tie_embeddings
+            else _param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, cfg.param_dtype)
+        )
 
     def __call__(self, tokens_BT, positions_BT, segment_ids_BT):
         """Logits in float32, split over the vocabulary on the tensor axis (never whole on one device)."""
@@ -213,20 +228,41 @@ class Transformer(nnx.Module):
 
         x_BTD = constrain(self.final_norm(x_BTD), FULL_LENGTH)
         if cfg.tie_embeddings:
-            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(dtype),
-                                    preferred_element_type=jnp.float32)
+            logits_BTV = jnp.einsum(
+                "btd,vd->btv", x_BTD, self.embed[...].astype(dtype), preferred_element_type=jnp.float32
+            )
         else:
-            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.unembed[...].astype(dtype),
-                                    preferred_element_type=jnp.float32)
+            logits_BTV = jnp.einsum(
+                "btd,dv->btv", x_BTD, self.unembed[...].astype(dtype), preferred_element_type=jnp.float32
+            )
         return constrain(logits_BTV, ("batch", "length", "vocab")), stats
 
 
-def cross_entropy(logits_BTV, targets_BT, mask_BT):
-    """Summed token cross-entropy and token count. Vocab-parallel: the log-sum-exp and the target logit
-    are reductions over the (tensor-sharded) vocabulary, so no device gathers the full logits."""
+def cross_entropy(logits_BTV, targets_BT, mask_BT, *, axis_name: str | None = None, with_lse: bool = False):
+    """Summed token cross-entropy and token count (with_lse: and the per-token log-sum-exp, for a
+    hand-written backward). Vocab-parallel: the log-sum-exp and the target logit are reductions over
+    the (tensor-sharded) vocabulary, so no device gathers the full logits.
+
+    Inside a shard_map, `axis_name` names a manual mesh axis over which the vocabulary is split in
+    contiguous shards (device i holds logits of ids i*V..(i+1)*V-1, V = logits_BTV.shape[-1]); the
+    reductions then end in a collective over it."""
     logits_BTV = logits_BTV.astype(jnp.float32)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=logits_BTV.dtype)
-    target_logit_BT = jnp.sum(logits_BTV * onehot_BTV, axis=-1)
+    vocab = logits_BTV.shape[-1]
+    if axis_name is not None:  # ids outside this device's shard get an all-zero one-hot row
+        targets_BT = targets_BT - jax.lax.axis_index(axis_name) * vocab
+
+    def over_vocab(reduce, collective, x_BTV):
+        x_BT = reduce(x_BTV, axis=-1)
+        return x_BT if axis_name is None else collective(x_BT, axis_name)
+
+    # jax.nn.logsumexp's ops in its order, abs included, with the reductions taken over all shards: the
+    # program without axis_name compiles to exactly the one jax.nn.logsumexp gave.
+    max_BT = over_vocab(functools.partial(jnp.max, initial=-jnp.inf), jax.lax.pmax, logits_BTV)
+    max_BT = jax.lax.stop_gradient(jnp.where(jnp.isfinite(max_BT), max_BT, 0.0))
+    sum_exp_BT = over_vocab(jnp.sum, jax.lax.psum, jnp.exp(logits_BTV - max_BT[..., None]))
+    lse_BT = jnp.log(jnp.abs(sum_exp_BT)) + max_BT
+    onehot_BTV = jax.nn.one_hot(targets_BT, vocab, dtype=logits_BTV.dtype)
+    target_logit_BT = over_vocab(jnp.sum, jax.lax.psum, logits_BTV * onehot_BTV)
     mask_BT = mask_BT.astype(jnp.float32)
-    return jnp.sum((lse_BT - target_logit_BT) * mask_BT), jnp.sum(mask_BT)
+    loss_sum = jnp.sum((lse_BT - target_logit_BT) * mask_BT)
+    return (loss_sum, jnp.sum(mask_BT), lse_BT) if with_lse else (loss_sum, jnp.sum(mask_BT))

@@ -68,8 +68,19 @@ def _swiglu_batched(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD, tensor_axis):
     return y_ECD if tensor_axis is None else jax.lax.psum(y_ECD, tensor_axis)
 
 
-def moe_local(x_ND, router_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_EFD, *, cfg: MoEConfig,
-              expert_axis=None, tensor_axis=None, token_axes=()):
+def moe_local(
+    x_ND,
+    router_DE,
+    bias_E,
+    w_gate_EDF,
+    w_up_EDF,
+    w_down_EFD,
+    *,
+    cfg: MoEConfig,
+    expert_axis=None,
+    tensor_axis=None,
+    token_axes=(),
+):
     """The layer on one device's tokens. Statistics are reduced over `token_axes`, so the auxiliary
     losses are those of the whole batch whatever the sharding."""
     N = x_ND.shape[0]
@@ -80,18 +91,35 @@ def moe_local(x_ND, router_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_EFD, *, cfg:
     weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
     if cfg.capacity_factor == 0:
         y_AD = dispatch.dispatch_dropless(
-            jnp.repeat(x_ND, cfg.top_k, axis=0), expert_NK.reshape(-1), cfg.experts,
-            partial(_swiglu_grouped, w_gate_EDF=weights[0], w_up_EDF=weights[1], w_down_EFD=weights[2],
-                    tensor_axis=tensor_axis),
-            expert_axis)
+            jnp.repeat(x_ND, cfg.top_k, axis=0),
+            expert_NK.reshape(-1),
+            cfg.experts,
+            partial(
+                _swiglu_grouped,
+                w_gate_EDF=weights[0],
+                w_up_EDF=weights[1],
+                w_down_EFD=weights[2],
+                tensor_axis=tensor_axis,
+            ),
+            expert_axis,
+        )
         y_NKD = y_AD.reshape(N, cfg.top_k, -1)
         kept_NK = jnp.ones(expert_NK.shape, bool)
     else:
         y_NKD, kept_NK = dispatch.dispatch_capacity(
-            x_ND, expert_NK, capacity(cfg, N), cfg.experts,
-            partial(_swiglu_batched, w_gate_EDF=weights[0], w_up_EDF=weights[1], w_down_EFD=weights[2],
-                    tensor_axis=tensor_axis),
-            expert_axis)
+            x_ND,
+            expert_NK,
+            capacity(cfg, N),
+            cfg.experts,
+            partial(
+                _swiglu_batched,
+                w_gate_EDF=weights[0],
+                w_up_EDF=weights[1],
+                w_down_EFD=weights[2],
+                tensor_axis=tensor_axis,
+            ),
+            expert_axis,
+        )
     y_ND = jnp.einsum("nkd,nk->nd", y_NKD, (weight_NK * kept_NK).astype(y_NKD.dtype))
 
     tokens_per_expert_E = total(jnp.sum(jax.nn.one_hot(expert_NK, cfg.experts), axis=(0, 1)))
@@ -120,8 +148,11 @@ class MoE(nnx.Module):
     def __call__(self, x_BTD):
         B, T, D = x_BTD.shape
         dtype = x_BTD.dtype
-        args = (self.router[...], self.router_bias[...],
-                *(w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down)))
+        args = (
+            self.router[...],
+            self.router_bias[...],
+            *(w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down)),
+        )
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             y_ND, stats = moe_local(x_BTD.reshape(B * T, D), *args, cfg=self.cfg)
@@ -133,14 +164,21 @@ class MoE(nnx.Module):
 
         def local(x_BTD, *args):
             b, t, _ = x_BTD.shape
-            y_ND, stats = moe_local(x_BTD.reshape(b * t, D), *args, cfg=self.cfg, expert_axis="expert",
-                                    tensor_axis="tensor", token_axes=token_axes)
+            y_ND, stats = moe_local(
+                x_BTD.reshape(b * t, D),
+                *args,
+                cfg=self.cfg,
+                expert_axis="expert",
+                tensor_axis="tensor",
+                token_axes=token_axes,
+            )
             return y_ND.reshape(b, t, D), stats
 
         weight_spec = logical_to_spec(("expert", None, "mlp"))
         down_spec = logical_to_spec(("expert", "mlp", None))
         return jax.shard_map(
-            local, mesh=mesh,
+            local,
+            mesh=mesh,
             in_specs=(x_spec, P(), P(), weight_spec, weight_spec, down_spec),
             out_specs=(x_spec, P()),
         )(x_BTD, *args)

@@ -28,7 +28,9 @@ def attention_projections(cfg, rngs: nnx.Rngs) -> tuple[nnx.Param, ...]:
     """(wq [D, N, H], wk and wv [D, K, H], wo [N, H, D]) of an attention-like token mixer."""
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     out_std = residual_out_std(cfg)
-    return (param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg.init_std, cfg.param_dtype),
-            param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype),
-            param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype),
-            param(rngs, (N, H, D), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype))
+    return (
+        param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg.init_std, cfg.param_dtype),
+        param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype),
+        param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype),
+        param(rngs, (N, H, D), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype),
+    )

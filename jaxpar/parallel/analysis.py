@@ -1,5 +1,5 @@
-"""Facts read off compiled programs (collective bytes, matmul FLOPs, memory) and the analytic
-expectations the collective bytes are checked against.
+"""Facts read off compiled programs: collective bytes, matmul FLOPs, memory. Model-free: the analytic
+expectations these are checked against live in jaxpar.train.costs.
 
 Byte convention (used by the parser and by every formula below): each collective is charged the size
 of the FULL buffer one device holds on the wide side of the operation, per device, per step:
@@ -25,27 +25,39 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
-
-from jaxpar.config import ModelConfig, RunConfig
-from jaxpar.train import state as state_lib, step as step_lib
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "s4": 0.5,
+    "u4": 0.5,
 }
 _SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
-_CALLEE = re.compile(r"\b(body|calls|to_apply|branch_computations|true_computation|false_computation)="
-                     r"(\{[^}]*\}|%?[\w.\-]+)")
+_CALLEE = re.compile(
+    r"\b(body|calls|to_apply|branch_computations|true_computation|false_computation)="
+    r"(\{[^}]*\}|%?[\w.\-]+)"
+)
 _COMMENT = re.compile(r"/\*.*?\*/")
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 
@@ -102,7 +114,7 @@ def _split_operands(rest: str) -> tuple[list[str], str]:
         elif ch in ")]}":
             if depth == 0:
                 operands.append(rest[start:i])
-                return [o.strip() for o in operands if o.strip()], rest[i + 1:]
+                return [o.strip() for o in operands if o.strip()], rest[i + 1 :]
             depth -= 1
         elif ch == "," and depth == 0:
             operands.append(rest[start:i])
@@ -183,6 +195,7 @@ def _walk(compiled_or_hlo):
 
 def _operand_types(operands: list[str], types: Mapping[str, str]) -> list[str]:
     """Operand types, whether printed inline (`f32[2]{0} %x`) or only by name (`%x`)."""
+
     def one(operand: str) -> str:
         inline = operand.split("%")[0]
         return inline if _SHAPE.search(inline) else types.get(operand.lstrip("%"), "")
@@ -229,7 +242,7 @@ def matmul_flops(compiled_or_hlo) -> int:
     return total
 
 
-def _totals(kind_bytes) -> dict[str, int]:
+def totals_by_kind(kind_bytes: Iterable[tuple[str, int]]) -> dict[str, int]:
     """{kind: bytes summed} for every kind in KINDS, plus "total", from (kind, bytes) pairs."""
     totals = dict.fromkeys(KINDS, 0)
     for kind, nbytes in kind_bytes:
@@ -240,7 +253,7 @@ def _totals(kind_bytes) -> dict[str, int]:
 
 def collective_bytes(compiled_or_hlo) -> dict[str, int]:
     """Bytes per device per step by collective kind (module convention), plus "total"."""
-    return _totals((op.kind, op.total_bytes) for op in collective_ops(compiled_or_hlo))
+    return totals_by_kind((op.kind, op.total_bytes) for op in collective_ops(compiled_or_hlo))
 
 
 def memory(compiled) -> dict[str, int]:
@@ -254,8 +267,9 @@ def memory(compiled) -> dict[str, int]:
         "generated_code_bytes": int(m.generated_code_size_in_bytes),
         "alias_bytes": int(m.alias_size_in_bytes),
     }
-    out["peak_estimate"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
-                            - out["alias_bytes"])
+    out["peak_estimate"] = (
+        out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    )
     return out
 
 
@@ -267,22 +281,6 @@ def flops(compiled) -> float:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return float(cost.get("flops", 0.0))
-
-
-def compile_train_step(run: RunConfig, mesh: Mesh):
-    """(compiled train step, abstract state), built as the training loop builds it but from abstract
-    inputs only: nothing is allocated, so any model size compiles for any mesh of this process."""
-    tx = state_lib.make_optimizer(run.optimizer, run.train.steps)
-    schedule = state_lib.learning_rate_schedule(run.optimizer, run.train.steps)
-    graphdef, abstract, shardings = state_lib.abstract_state(run.model, tx, mesh)
-    train_step = step_lib.make_train_step(graphdef, tx, schedule, run.train.grad_accum_steps,
-                                          shardings.params)
-    shape = (run.train.global_batch, run.train.seq_len)
-    batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=step_lib.batch_sharding(mesh))
-             for key in step_lib.BATCH_KEYS}
-    with jax.set_mesh(mesh):
-        compiled = step_lib.jit_train_step(train_step, mesh, shardings).lower(abstract, batch).compile()
-    return compiled, abstract
 
 
 def bytes_per_device(tree) -> int:
@@ -300,120 +298,3 @@ def state_bytes_per_device(abstract_state) -> dict[str, int]:
     params = bytes_per_device(abstract_state.params)
     opt_state = bytes_per_device(abstract_state.opt_state)
     return {"params": params, "opt_state": opt_state, "total": params + opt_state}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Analytic expectations.
-
-
-@dataclasses.dataclass(frozen=True)
-class Term:
-    """One named communication of the analytic model: what moves, as which collective, how many bytes
-    per device per step (module convention)."""
-
-    name: str
-    kind: str
-    bytes: int
-
-
-def expected_terms(model: ModelConfig, mesh_sizes: Mapping[str, int], global_batch: int, seq_len: int, *,
-                   param_bytes: int | None = None, act_bytes: int | None = None,
-                   reduce_scatter_as_all_reduce: bool = False) -> list[Term]:
-    """The communications one train step of jaxpar's Llama needs on a data x fsdp x tensor mesh.
-
-    Textbook terms (ZeRO-3 FSDP, data-parallel gradient all-reduce, Megatron tensor parallelism with
-    sequence parallelism, vocab-parallel loss), each with the choice XLA's SPMD partitioner makes for
-    this model where the textbook leaves one open, as read off the compiled HLO:
-
-    - FSDP gathers each layer's weights twice: in the forward scan, and again in the backward scan
-      (its residuals are the sharded parameter slices, not the gathered weights). Rematerialization
-      adds no gather: the recomputed forward shares the backward's. The unembedding, outside the
-      scan, is gathered once for both passes (with bf16 compute XLA gathers it twice: a known gap).
-      Tied embeddings change nothing: the lookup and the unembedding communicate the table each.
-    - Megatron-SP: per layer, all-gather the sequence shards into attention and into the MLP and
-      reduce-scatter their outputs back (forward); the transposes of those in the backward. The input
-      gradient is reduced once per column-parallel matmul (wq, wk, wv, w_gate, w_up: 5 per layer, not
-      the 2 of a fused-QKV Megatron): GSPMD reduces each matmul's partial sum before they are added.
-      With the gathered inputs saved (remat "none") the backward does not re-gather them; "save_dots"
-      re-gathers them, "full" repeats all forward collectives.
-    - The embedding lookup gathers the (fsdp/tensor-sharded) table, one mesh axis at a time, instead
-      of Megatron's masked lookup + reduce-scatter of activations (cheaper whenever V*D*param bytes <
-      B_local*T*D*act bytes). Its gradient is a full-size scatter-add on every device, all-reduced
-      over the tensor axis, then over data x fsdp; XLA slices it to the shard only at the end.
-      (Under FSDP alone XLA may instead gather the token ids and all-to-all the looked-up
-      activations, forward and backward: a different route of about the same bytes.)
-    - Norm scales are replicated, so their gradients are all-reduced over every axis that splits
-      tokens, in the same two stages (tensor; data x fsdp).
-
-    Weights and their gradients move in the parameter dtype, activations in the compute dtype, unless
-    `param_bytes` / `act_bytes` say otherwise (the CPU backend has no bf16 arithmetic: float
-    normalization upcasts bf16 values to f32, so there every collective moves 4-byte elements).
-    Assumes one microbatch per step and untouched logical rules (jaxpar.parallel.rules.RULES).
-    `reduce_scatter_as_all_reduce`: label reduce-scatters as all-reduces, as the CPU backend compiles
-    them (GSPMD emits all-reduce + dynamic-slice; only GPU/TPU pipelines rewrite that pattern into a
-    reduce-scatter). The bytes are the same under the module convention.
-    """
-    for axis, size in mesh_sizes.items():
-        if axis not in ("data", "fsdp", "tensor") and size > 1:
-            raise ValueError(f"mesh axis {axis}={size}: the analytic model covers data, fsdp and tensor "
-                             "only.")
-    d, f, t = (mesh_sizes.get(axis, 1) for axis in ("data", "fsdp", "tensor"))
-    p = param_bytes or np.dtype(model.param_dtype).itemsize
-    a = act_bytes or np.dtype(model.dtype).itemsize
-    L, D, V, T = model.n_layers, model.d_model, model.vocab_size, seq_len
-    layer_weights = p * (D * model.head_dim * (2 * model.n_heads + 2 * model.n_kv_heads) + 3 * D * model.d_ff)
-    table = unembed = p * V * D  # tied or not, the table is used (and communicated) twice
-    norms = p * D * (2 * L + 1)
-    tokens_local = global_batch // (d * f) * T
-    act = tokens_local * D * a
-    token_stages = (t > 1) + (d * f > 1)  # reductions over sequence shards, then over batch shards
-    rs = "all-reduce" if reduce_scatter_as_all_reduce else "reduce-scatter"
-    ag, ar = "all-gather", "all-reduce"
-
-    terms = []
-    if f > 1:
-        terms += [
-            Term("fsdp: all-gather layer weights (forward scan)", ag, L * layer_weights // t),
-            Term("fsdp: all-gather layer weights again (backward scan)", ag, L * layer_weights // t),
-            Term("fsdp: all-gather unembedding (once, both passes)", ag, unembed // t),
-            Term("fsdp: reduce-scatter layer and unembedding gradients", rs,
-                 (L * layer_weights + unembed) // t),
-        ]
-    if d > 1:
-        terms.append(Term("data: all-reduce layer and unembedding gradient shards", ar,
-                          (L * layer_weights + unembed) // (f * t)))
-    if t > 1:
-        remat_gathers = {"none": 0, "save_dots": 2, "full": 2}[model.remat]
-        remat_scatters = {"none": 0, "save_dots": 0, "full": 1}[model.remat]
-        terms += [
-            Term("tensor: all-gather sequence shards into attention and MLP (forward)", ag, 2 * L * act),
-            Term("tensor: reduce-scatter attention and MLP outputs to sequence shards (forward)", rs,
-                 2 * L * act),
-            Term("tensor: all-gather output gradients (backward)", ag, 2 * L * act),
-            Term("tensor: reduce-scatter input gradients, one per column-parallel matmul (backward)", rs,
-                 5 * L * act),
-            Term(f"tensor: all-gather sequence shards again (remat={model.remat})", ag,
-                 remat_gathers * L * act),
-            Term(f"tensor: reduce-scatter outputs again (remat={model.remat})", rs, remat_scatters * L * act),
-            Term("tensor: all-gather final hidden states for the vocab-parallel unembedding", ag, act),
-            Term("tensor: all-reduce the unembedding's input gradient", ar, act),
-            Term("tensor: all-reduce max, sum-exp and target logit over vocab shards (loss)", ar,
-                 3 * tokens_local * 4),
-        ]
-    if f * t > 1:
-        terms.append(Term("embedding: all-gather the table for the lookup, one axis at a time", ag,
-                          (table // t if f > 1 else 0) + (table if t > 1 else 0)))
-    terms += [
-        Term("embedding: all-reduce the full-size table gradient, per token-splitting stage", ar,
-             table * token_stages),
-        Term("norms: all-reduce replicated norm-scale gradients, per token-splitting stage", ar,
-             norms * token_stages),
-    ]
-    return [term for term in terms if term.bytes]
-
-
-def expected_collective_bytes(model: ModelConfig, mesh_sizes: Mapping[str, int], global_batch: int,
-                              seq_len: int, **options) -> dict[str, int]:
-    """`expected_terms` (same options) summed by kind, plus "total" (the keys of `collective_bytes`)."""
-    return _totals((term.kind, term.bytes)
-                   for term in expected_terms(model, mesh_sizes, global_batch, seq_len, **options))

@@ -16,7 +16,7 @@ returned by the inverse all-to-all. Two packings:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +47,11 @@ def dispatch_dropless(x_AD, expert_A, num_experts: int, expert_fn: ExpertFn, exp
         slot_A = jnp.arange(A) - (jnp.cumsum(count_P) - count_P)[dest_A]
         send_PAD = jnp.zeros((ep, A, x_AD.shape[1]), x_AD.dtype).at[dest_A, slot_A].set(x_sorted_AD)
         # local_experts marks an empty slot: it sorts last and belongs to no group.
-        send_ids_PA = jnp.full((ep, A), local_experts, jnp.int32).at[dest_A, slot_A].set(
-            expert_sorted_A % local_experts)
+        send_ids_PA = (
+            jnp.full((ep, A), local_experts, jnp.int32)
+            .at[dest_A, slot_A]
+            .set(expert_sorted_A % local_experts)
+        )
         recv_PAD = jax.lax.all_to_all(send_PAD, expert_axis, 0, 0)
         recv_ids_R = jax.lax.all_to_all(send_ids_PA, expert_axis, 0, 0).reshape(-1)
         recv_RD = recv_PAD.reshape(ep * A, -1)
@@ -72,8 +75,9 @@ def capacity_positions(expert_NK, num_experts: int):
     return jnp.take_along_axis(position_KNE, expert_NK.T[..., None], axis=-1)[..., 0].T
 
 
-def dispatch_capacity(x_ND, expert_NK, capacity: int, num_experts: int, expert_fn: ExpertFn,
-                      expert_axis: str | None):
+def dispatch_capacity(
+    x_ND, expert_NK, capacity: int, num_experts: int, expert_fn: ExpertFn, expert_axis: str | None
+):
     """(y_NKD, kept_NK): per-assignment expert outputs (zero where dropped) and which were kept."""
     N, K = expert_NK.shape
     D = x_ND.shape[1]
@@ -83,8 +87,11 @@ def dispatch_capacity(x_ND, expert_NK, capacity: int, num_experts: int, expert_f
     tokens_NK = jnp.broadcast_to(jnp.arange(N)[:, None], (N, K))
     # Dropped assignments scatter out of bounds, which mode="drop" discards.
     slot_NK = jnp.where(kept_NK, position_NK, capacity)
-    buffer_ECD = jnp.zeros((num_experts, capacity, D), x_ND.dtype).at[expert_NK, slot_NK].set(
-        x_ND[tokens_NK], mode="drop")
+    buffer_ECD = (
+        jnp.zeros((num_experts, capacity, D), x_ND.dtype)
+        .at[expert_NK, slot_NK]
+        .set(x_ND[tokens_NK], mode="drop")
+    )
     if ep > 1:
         local = num_experts // ep
         recv_PLCD = jax.lax.all_to_all(buffer_ECD.reshape(ep, local, capacity, D), expert_axis, 0, 0)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +55,10 @@ def zigzag_indices(length: int, n: int) -> np.ndarray:
     if n <= 1:
         return np.arange(length)
     if length % (2 * n):
-        raise ValueError(f"a zigzag layout over {n} devices splits the sequence into {2 * n} equal chunks; "
-                         f"length {length} is not divisible by {2 * n}")
+        raise ValueError(
+            f"a zigzag layout over {n} devices splits the sequence into {2 * n} equal chunks; "
+            f"length {length} is not divisible by {2 * n}"
+        )
     chunks = np.arange(length).reshape(2 * n, length // (2 * n))
     return chunks[[c for r in range(n) for c in (r, 2 * n - 1 - r)]].reshape(-1)
 
@@ -117,8 +119,9 @@ class _Ring:
 def _rank_and_size(ring: _Ring):
     size = jax.lax.axis_size(ring.axis_name)
     if size % ring.stride:
-        raise ValueError(f"ring stride {ring.stride} does not divide the size {size} of axis "
-                         f"{ring.axis_name!r}")
+        raise ValueError(
+            f"ring stride {ring.stride} does not divide the size {size} of axis {ring.axis_name!r}"
+        )
     return jax.lax.axis_index(ring.axis_name) // ring.stride, size // ring.stride, size
 
 
@@ -130,10 +133,21 @@ def _rotate(tree, ring: _Ring, size: int):
 
 def _default_block(ring: _Ring) -> BlockFn:
     def block(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-        return attention(q, k, v, segment_ids=None if q_seg is None else (q_seg, kv_seg),
-                         positions=(q_pos, kv_pos), causal=ring.causal, window=ring.window,
-                         softcap=ring.softcap, scale=ring.scale, implementation=ring.implementation,
-                         return_lse=True, interpret=ring.interpret)
+        return attention(
+            q,
+            k,
+            v,
+            segment_ids=None if q_seg is None else (q_seg, kv_seg),
+            positions=(q_pos, kv_pos),
+            causal=ring.causal,
+            window=ring.window,
+            softcap=ring.softcap,
+            scale=ring.scale,
+            implementation=ring.implementation,
+            return_lse=True,
+            interpret=ring.interpret,
+        )
+
     return block
 
 
@@ -162,8 +176,7 @@ def _mode_fns(ring: _Ring):
         return jnp.concatenate([pad_o, out.astype(jnp.float32)], 1), jnp.concatenate([pad_l, lse], 1)
 
     def skip(q, k, v, qs, ks, qp, kp):
-        return (jnp.zeros(q.shape, jnp.float32),
-                jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
+        return (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
 
     return {SKIP: skip, FULL: full, KV_FIRST_HALF: kv_first_half, Q_SECOND_HALF: q_second_half}
 
@@ -267,8 +280,9 @@ def _ring_bwd(ring: _Ring, residuals, cotangents):
     def step(s, first, last, cur, dkv, dq):
         k_s, v_s, seg_s, pos_s = cur
         kv_pos = _positions(ring, (rank - s) % n, n, t, b, pos_s)
-        dq_s, dk_s, dv_s = _switch(table[first:last], first, s, rank, grad_fns, q, k_s, v_s, seg, seg_s,
-                                   q_pos, kv_pos)
+        dq_s, dk_s, dv_s = _switch(
+            table[first:last], first, s, rank, grad_fns, q, k_s, v_s, seg, seg_s, q_pos, kv_pos
+        )
         dkv = (dkv[0] + dk_s.astype(jnp.float32), dkv[1] + dv_s.astype(jnp.float32))
         # The accumulators follow their block; after n hops they are back on the block's owner.
         return _rotate(dkv, ring, size) if n > 1 else dkv, dq + dq_s.astype(jnp.float32)
@@ -279,6 +293,7 @@ def _ring_bwd(ring: _Ring, residuals, cotangents):
     if n == 1:
         (dk, dv), dq = step(0, 0, 1, own, (zeros_kv, zeros_kv), dq)
     else:
+
         def body(s, carry):
             cur, dkv, dq = carry
             return (_rotate(cur, ring, size), *step(s, 1, n - 1, cur, dkv, dq))
@@ -294,11 +309,25 @@ def _ring_bwd(ring: _Ring, residuals, cotangents):
 _ring_attention.defvjp(_ring_fwd, _ring_bwd)
 
 
-def ring_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, segment_ids=None, positions=None,
-                   zigzag: bool = True, stride: int = 1, causal: bool = True, window: int | None = None,
-                   softcap: float | None = None, scale: float | None = None,
-                   implementation: str | None = None, interpret: bool | None = None, return_lse: bool = False,
-                   block_fn: BlockFn | None = None):
+def ring_attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    *,
+    axis_name: str,
+    segment_ids=None,
+    positions=None,
+    zigzag: bool = True,
+    stride: int = 1,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+    interpret: bool | None = None,
+    return_lse: bool = False,
+    block_fn: BlockFn | None = None,
+):
     """Self-attention of this device's sequence shard against the whole sequence, K/V passed around a
     ring on `axis_name`. Call inside `jax.shard_map`; all arguments are this device's shards.
 
@@ -312,9 +341,18 @@ def ring_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, segment_ids=None, 
     t = q_BTNH.shape[1]
     if zigzag and t % 2:
         raise ValueError(f"a zigzag shard holds two equal chunks; local length {t} is odd")
-    ring = _Ring(axis_name=axis_name, stride=stride, zigzag=zigzag, causal=causal, window=window,
-                 softcap=softcap, scale=scale, implementation=implementation, interpret=interpret,
-                 block_fn=block_fn)
+    ring = _Ring(
+        axis_name=axis_name,
+        stride=stride,
+        zigzag=zigzag,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        scale=scale,
+        implementation=implementation,
+        interpret=interpret,
+        block_fn=block_fn,
+    )
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     pos = None if positions is None else positions.astype(jnp.int32)
     out, lse = _ring_attention(ring, q_BTNH, k_BTKH, v_BTKH, seg, pos)
@@ -345,10 +383,22 @@ def _gather_bwd(axis_name, _, grad):
 _gather_sum_grads_f32.defvjp(_gather_fwd, _gather_bwd)
 
 
-def allgather_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, segment_ids=None, positions=None,
-                        zigzag: bool = True, causal: bool = True, window: int | None = None,
-                        softcap: float | None = None, scale: float | None = None,
-                        implementation: str | None = None, interpret: bool | None = None):
+def allgather_attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    *,
+    axis_name: str,
+    segment_ids=None,
+    positions=None,
+    zigzag: bool = True,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+    interpret: bool | None = None,
+):
     """Every device all-gathers K/V (and their segment ids) over `axis_name` and attends its local
     queries to the whole sequence. Backward: reduce-scatters of dK/dV (in float32).
     Memory per device grows with the full sequence length (the K/V of everything); the ring does not."""
@@ -367,7 +417,16 @@ def allgather_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, segment_ids=N
         kv_pos = jnp.broadcast_to(jnp.arange(n * t, dtype=jnp.int32), (b, n * t))
     else:
         q_pos, kv_pos = positions, jax.lax.all_gather(positions, axis_name, axis=1, tiled=True)
-    return attention(q_BTNH, k_full, v_full,
-                     segment_ids=None if segment_ids is None else (segment_ids, kv_seg),
-                     positions=(q_pos, kv_pos), causal=causal, window=window, softcap=softcap, scale=scale,
-                     implementation=implementation, interpret=interpret)
+    return attention(
+        q_BTNH,
+        k_full,
+        v_full,
+        segment_ids=None if segment_ids is None else (segment_ids, kv_seg),
+        positions=(q_pos, kv_pos),
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        scale=scale,
+        implementation=implementation,
+        interpret=interpret,
+    )

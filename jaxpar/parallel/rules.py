@@ -66,8 +66,11 @@ def mesh_axes(name: str) -> tuple[str, ...]:
 def usable_axes(mesh) -> dict[str, int]:
     """{axis: size} of the axes of `mesh` (concrete or abstract) a new shard_map can split over: larger
     than 1 and not already manual (inside an enclosing shard_map)."""
-    return {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
-            if size > 1 and kind != jax.sharding.AxisType.Manual}
+    return {
+        name: size
+        for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+        if size > 1 and kind != jax.sharding.AxisType.Manual
+    }
 
 
 def divisible_axes(candidates: Sequence[str], usable: Mapping[str, int], dims: Sequence[int]):
@@ -96,7 +99,8 @@ def _check_divisible(spec: P, shape: tuple[int, ...], mesh: Mesh, where: str) ->
         size = math.prod(mesh.shape[a] for a in names)
         if dim % size:
             raise ValueError(
-                f"{where}: dimension {dim} of shape {shape} cannot be split {size} ways over mesh axes {names} "
+                f"{where}: dimension {dim} of shape {shape} cannot be split {size} ways over mesh axes "
+                f"{names} "
                 f"(spec {spec}); change the model size or the mesh so that {size} divides {dim}."
             )
 

@@ -1,6 +1,6 @@
 """Pipeline schedules as data: a table of (tick, stage) -> action, generated once in Python.
 
-The same table drives the executor (jaxpr.parallel.pipeline), the bubble accounting and the plot.
+The same table drives the executor (jaxpar.parallel.pipeline), the bubble accounting and the plot.
 
 Vocabulary. The model's layers are cut into G = P * V consecutive *global stages*. Device (stage) s
 holds the V global stages g = v * P + s, v = 0..V-1 (its *chunks*, Megatron's interleaved layout), so
@@ -86,7 +86,7 @@ class Schedule:
 
     # --- checks ------------------------------------------------------------------------------------
 
-    def validate(self) -> "Schedule":
+    def validate(self) -> Schedule:
         """Raise ScheduleError unless every action appears exactly once, on the stage that holds its
         chunk, after everything it depends on (strictly earlier ticks). Returns self."""
         P, V, M = self.num_stages, self.virtual_stages, self.microbatches
@@ -98,8 +98,10 @@ class Schedule:
         for tick, stage, action in self.actions():
             where = f"{self.name}: tick {tick}, stage {stage}: {action}"
             if action.kind not in kinds:
-                raise ScheduleError(f"{where}: kind {action.kind!r} is not one of {kinds}"
-                                    f"{' (W needs split_backward)' if action.kind == 'W' else ''}.")
+                raise ScheduleError(
+                    f"{where}: kind {action.kind!r} is not one of {kinds}"
+                    f"{' (W needs split_backward)' if action.kind == 'W' else ''}."
+                )
             if not (0 <= action.microbatch < M and 0 <= action.chunk < V):
                 raise ScheduleError(f"{where}: microbatch must be in [0, {M}) and chunk in [0, {V}).")
             g = self.global_stage(stage, action)
@@ -111,13 +113,15 @@ class Schedule:
                     when = "never runs" if need not in done else f"runs at tick {done[need]}"
                     raise ScheduleError(
                         f"{where} (global stage {g}) needs {need[0]}{need[1]} of global stage {need[2]} "
-                        f"at an earlier tick, but that {when}.")
+                        f"at an earlier tick, but that {when}."
+                    )
             done[key] = tick
         missing = [(k, m, g) for k in kinds for m in range(M) for g in range(G) if (k, m, g) not in done]
         if missing:
             k, m, g = missing[0]
-            raise ScheduleError(f"{self.name}: {len(missing)} action(s) never run, e.g. {k}{m} of global "
-                                f"stage {g}.")
+            raise ScheduleError(
+                f"{self.name}: {len(missing)} action(s) never run, e.g. {k}{m} of global stage {g}."
+            )
         return self
 
     # --- accounting --------------------------------------------------------------------------------
@@ -173,8 +177,15 @@ Program = Sequence[Action]
 Chooser = Callable[[int, int, list[Action], dict], Action | None]
 
 
-def _simulate(name: str, P: int, V: int, M: int, split_backward: bool,
-              programs: Sequence[Program] | None = None, chooser: Chooser | None = None) -> Schedule:
+def _simulate(
+    name: str,
+    P: int,
+    V: int,
+    M: int,
+    split_backward: bool,
+    programs: Sequence[Program] | None = None,
+    chooser: Chooser | None = None,
+) -> Schedule:
     """Run stage programs in lockstep. With `programs` each stage runs its list in order; with
     `chooser(stage, tick, ready_actions, state)` each stage picks one of its ready actions (or None)."""
     G = P * V
@@ -190,13 +201,21 @@ def _simulate(name: str, P: int, V: int, M: int, split_backward: bool,
         row: list[Action | None] = []
         for s in range(P):
             candidates = todo[s][:1] if programs is not None else todo[s]
-            ready = [a for a in candidates if all(
-                done.get(d, tick) < tick for d in _dependencies(a.kind, a.microbatch, a.chunk * P + s, G))]
+            ready = [
+                a
+                for a in candidates
+                if all(
+                    done.get(d, tick) < tick for d in _dependencies(a.kind, a.microbatch, a.chunk * P + s, G)
+                )
+            ]
             action = (ready[0] if ready else None) if chooser is None else chooser(s, tick, ready, state)
             if action is not None:
                 todo[s].remove(action)
-                state["in_flight"][s] += {"F": 1, "W": -1}.get(action.kind, 0) if split_backward else \
-                    {"F": 1, "B": -1}.get(action.kind, 0)
+                state["in_flight"][s] += (
+                    {"F": 1, "W": -1}.get(action.kind, 0)
+                    if split_backward
+                    else {"F": 1, "B": -1}.get(action.kind, 0)
+                )
             row.append(action)
         for s, action in enumerate(row):
             if action is not None:
@@ -219,8 +238,9 @@ def _weights_after_backwards(program: Program) -> list[Action]:
     return out
 
 
-def _run_programs(name: str, P: int, V: int, M: int, programs: Sequence[Program],
-                  split_backward: bool) -> Schedule:
+def _run_programs(
+    name: str, P: int, V: int, M: int, programs: Sequence[Program], split_backward: bool
+) -> Schedule:
     if split_backward:
         programs = [_weights_after_backwards(p) for p in programs]
     return _simulate(name, P, V, M, split_backward, programs=programs)
@@ -229,8 +249,9 @@ def _run_programs(name: str, P: int, V: int, M: int, programs: Sequence[Program]
 def gpipe(P: int, M: int, V: int = 1, split_backward: bool = False) -> Schedule:
     """All forwards (chunk by chunk), then all backwards in reverse chunk order. With V > 1 this is
     the looped ("breadth-first") GPipe: the bubble of interleaving, the memory of GPipe."""
-    program = ([Action("F", m, v) for v in range(V) for m in range(M)]
-               + [Action("B", m, v) for v in reversed(range(V)) for m in range(M)])
+    program = [Action("F", m, v) for v in range(V) for m in range(M)] + [
+        Action("B", m, v) for v in reversed(range(V)) for m in range(M)
+    ]
     return _run_programs("gpipe", P, V, M, [program] * P, split_backward)
 
 
@@ -297,8 +318,9 @@ def zero_bubble_h1(P: int, M: int) -> Schedule:
     return _simulate("zero_bubble", P, 1, M, True, chooser=choose)
 
 
-def make_schedule(name: str, num_stages: int, microbatches: int, virtual_stages: int = 1,
-                  split_backward: bool = False) -> Schedule:
+def make_schedule(
+    name: str, num_stages: int, microbatches: int, virtual_stages: int = 1, split_backward: bool = False
+) -> Schedule:
     """The validated table for a schedule name (see SCHEDULES). `split_backward` runs the backward of
     gpipe / 1f1b / interleaved_1f1b as B (input gradient) and, in the stage's next tick, W (weight
     gradient): in a lockstep executor a fused backward (about two forwards) makes every tick that mixes
@@ -310,8 +332,10 @@ def make_schedule(name: str, num_stages: int, microbatches: int, virtual_stages:
     if name == "gpipe":
         return gpipe(P, M, V, split_backward)
     if name in ("1f1b", "zero_bubble") and V != 1:
-        raise ScheduleError(f"{name} runs one chunk per stage (virtual_stages=1), got {V}; use "
-                            "interleaved_1f1b or gpipe for virtual stages.")
+        raise ScheduleError(
+            f"{name} runs one chunk per stage (virtual_stages=1), got {V}; use "
+            "interleaved_1f1b or gpipe for virtual stages."
+        )
     if name == "1f1b":
         return one_f_one_b(P, M, split_backward)
     if name == "interleaved_1f1b":
@@ -322,8 +346,9 @@ def make_schedule(name: str, num_stages: int, microbatches: int, virtual_stages:
 
 
 @functools.lru_cache(maxsize=128)
-def cached_schedule(name: str, num_stages: int, microbatches: int, virtual_stages: int = 1,
-                    split_backward: bool = False) -> Schedule:
+def cached_schedule(
+    name: str, num_stages: int, microbatches: int, virtual_stages: int = 1, split_backward: bool = False
+) -> Schedule:
     """make_schedule, memoised (tables are immutable; a big one takes a moment to simulate)."""
     return make_schedule(name, num_stages, microbatches, virtual_stages, split_backward)
 
@@ -361,22 +386,49 @@ def plot(schedule: Schedule, path: str, title: str | None = None) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * T + 1.5), 0.5 * P + 1.3))
     for tick, stage, action in schedule.actions():
         alpha = 1.0 - 0.45 * action.chunk / max(V - 1, 1)
-        ax.add_patch(plt.Rectangle((tick, stage), 1, 1, facecolor=COLORS[action.kind], alpha=alpha,
-                                   edgecolor="white", linewidth=0.6))
+        ax.add_patch(
+            plt.Rectangle(
+                (tick, stage),
+                1,
+                1,
+                facecolor=COLORS[action.kind],
+                alpha=alpha,
+                edgecolor="white",
+                linewidth=0.6,
+            )
+        )
         if T <= 120:
-            ax.text(tick + 0.5, stage + 0.5, str(action.microbatch), ha="center", va="center", fontsize=6,
-                    color="white")
+            ax.text(
+                tick + 0.5,
+                stage + 0.5,
+                str(action.microbatch),
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white",
+            )
     ax.set_xlim(0, T)
     ax.set_ylim(P, 0)
     ax.set_yticks([s + 0.5 for s in range(P)], [f"stage {s}" for s in range(P)])
     ax.set_xlabel("tick")
     kinds = action_kinds(schedule.split_backward)
-    labels = {"F": "forward", "B": "backward (input grad)" if schedule.split_backward else "backward",
-              "W": "weight grad"}
-    ax.legend(handles=[Patch(color=COLORS[k], label=labels[k]) for k in kinds], loc="upper left",
-              bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
-    ax.set_title(title or f"{schedule.name}  P={P} V={V} M={schedule.microbatches}  "
-                          f"bubble {schedule.bubble_fraction():.3f}", fontsize=9)
+    labels = {
+        "F": "forward",
+        "B": "backward (input grad)" if schedule.split_backward else "backward",
+        "W": "weight grad",
+    }
+    ax.legend(
+        handles=[Patch(color=COLORS[k], label=labels[k]) for k in kinds],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=7,
+        frameon=False,
+    )
+    ax.set_title(
+        title
+        or f"{schedule.name}  P={P} V={V} M={schedule.microbatches}  bubble {schedule.bubble_fraction():.3f}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

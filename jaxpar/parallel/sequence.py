@@ -26,33 +26,76 @@ token's true index from the layout, so masking is exact.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, PartitionSpec as P
 
-from jaxpar.config import (SEQUENCE_LAYOUTS as LAYOUTS, SEQUENCE_PARALLEL as VARIANTS,  # noqa: F401
-                           resolve_ulysses_degree, run_zigzag_factor, zigzag_factor)
-from jaxpar.kernels.attention import attention
-from jaxpar.parallel import ring as ring_lib, rules, ulysses as ulysses_lib
+from jaxpar.kernels import attention as attention_lib
+from jaxpar.parallel import ring as ring_lib, ulysses as ulysses_lib
+from jaxpar.parallel.per_device import heads_ways, per_device
 
 SEQUENCE_AXIS = "sequence"
-
-zigzag_indices = ring_lib.zigzag_indices
+# How attention crosses sequence shards, and the token layouts it can use.
+VARIANTS = ("ring", "ulysses", "usp", "allgather")
+LAYOUTS = ("zigzag", "contiguous")
 
 
 # --------------------------------------------------------------------------------------------------
-# Layouts.
+# Layouts: which device holds which tokens. jaxpar.config validates a run with these same functions.
+
+
+def default_ulysses_degree(sequence: int, heads: int, kv_heads: int) -> int:
+    """USP's Ulysses group size when none is given: the largest divisor of `sequence`, short of `sequence`
+    itself (so the ring has at least two groups), that divides the per-device query and KV head counts."""
+    return max(
+        u for u in range(1, max(sequence, 2)) if sequence % u == 0 and heads % u == 0 and kv_heads % u == 0
+    )
+
+
+def resolve_ulysses_degree(ulysses_degree: int, sequence: int, heads: int, kv_heads: int) -> int:
+    """USP's Ulysses size: the given one, or `default_ulysses_degree` for 0."""
+    return ulysses_degree or default_ulysses_degree(sequence, heads, kv_heads)
+
+
+def zigzag_factor(
+    variant: str, sequence: int, ulysses_degree: int = 1, mixer: str = "softmax", layout: str = "zigzag"
+) -> int:
+    """The n of the zigzag layout a run uses (1: contiguous). ring and allgather balance over all
+    `sequence` devices, usp over its ring of sequence / ulysses_degree groups, ulysses needs none (every
+    device attends to the whole sequence for its heads), and neither does a model of linear attention
+    only (LASP-2's work is the same on every shard). The data pipeline and every layer must agree."""
+    if variant not in VARIANTS:
+        raise ValueError(f"sequence_parallel={variant!r} is not supported; choose one of {list(VARIANTS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not supported; choose one of {list(LAYOUTS)}")
+    if sequence <= 1 or layout == "contiguous" or variant == "ulysses" or mixer == "linear":
+        return 1
+    if variant == "usp":
+        if ulysses_degree < 1 or sequence % ulysses_degree:
+            raise ValueError(
+                f"usp ulysses_degree={ulysses_degree} must be a divisor of the sequence axis size {sequence}."
+            )
+        return sequence // ulysses_degree
+    return sequence
+
+
+def model_zigzag_factor(
+    variant: str, mixer: str, sequence: int, heads: int, kv_heads: int, ulysses_degree: int = 0
+) -> int:
+    """`zigzag_factor` of a model on a sequence axis of size `sequence`; heads and kv_heads per device
+    after tensor parallelism, ulysses_degree as configured (0: the default)."""
+    if variant == "usp" and sequence > 1:
+        ulysses_degree = resolve_ulysses_degree(ulysses_degree, sequence, heads, kv_heads)
+    return zigzag_factor(variant, sequence, ulysses_degree or 1, mixer=mixer)
 
 
 def to_zigzag(x, n: int, axis: int = 1):
     """Permute `axis` (the sequence) into the zigzag layout over n devices (numpy or jax arrays)."""
     if n <= 1:
         return x
-    perm = zigzag_indices(x.shape[axis], n)
+    perm = ring_lib.zigzag_indices(x.shape[axis], n)
     return np.take(x, perm, axis=axis) if isinstance(x, np.ndarray) else jnp.take(x, perm, axis=axis)
 
 
@@ -60,7 +103,7 @@ def from_zigzag(x, n: int, axis: int = 1):
     """Inverse of `to_zigzag`."""
     if n <= 1:
         return x
-    inverse = np.argsort(zigzag_indices(x.shape[axis], n))
+    inverse = np.argsort(ring_lib.zigzag_indices(x.shape[axis], n))
     return np.take(x, inverse, axis=axis) if isinstance(x, np.ndarray) else jnp.take(x, inverse, axis=axis)
 
 
@@ -69,33 +112,41 @@ def zigzag_batch(batch: Mapping, n: int) -> dict:
     return {key: to_zigzag(value, n) for key, value in batch.items()}
 
 
-# --------------------------------------------------------------------------------------------------
-# Checks (the same rules jaxpar.config.validate_run applies to a run, here for direct callers).
-
-
-def check_split(variant: str, sequence: int, seq_len: int, heads: int, kv_heads: int,
-                ulysses_degree: int = 0, zigzag: int = 1) -> None:
+def check_split(
+    variant: str,
+    sequence: int,
+    seq_len: int,
+    heads: int,
+    kv_heads: int,
+    ulysses_degree: int = 0,
+    zigzag: int = 1,
+) -> None:
     """ValueError naming the problem when `variant` cannot split this attention `sequence` ways.
     heads, kv_heads: per device after tensor parallelism. zigzag: the layout's n (1: contiguous)."""
     if variant not in VARIANTS:
         raise ValueError(f"sequence_parallel={variant!r} is not supported; choose one of {list(VARIANTS)}")
     if seq_len % sequence:
-        raise ValueError(f"sequence length {seq_len} cannot be split over {sequence} sequence shards; "
-                         f"use a length divisible by {sequence}.")
+        raise ValueError(
+            f"sequence length {seq_len} cannot be split over {sequence} sequence shards; "
+            f"use a length divisible by {sequence}."
+        )
     if zigzag > 1 and seq_len % (2 * zigzag):
-        raise ValueError(f"the zigzag layout over {zigzag} ring ranks cuts the sequence into {2 * zigzag} "
-                         f"equal chunks; sequence length {seq_len} is not divisible by {2 * zigzag}.")
+        raise ValueError(
+            f"the zigzag layout over {zigzag} ring ranks cuts the sequence into {2 * zigzag} "
+            f"equal chunks; sequence length {seq_len} is not divisible by {2 * zigzag}."
+        )
     if variant == "ulysses":
         ulysses_lib.check_heads(heads, kv_heads, sequence)
     if variant == "usp":
         if ulysses_degree < 1 or sequence % ulysses_degree:
-            raise ValueError(f"usp ulysses_degree={ulysses_degree} must be a divisor of the sequence axis "
-                             f"size {sequence}.")
+            raise ValueError(
+                f"usp ulysses_degree={ulysses_degree} must be a divisor of the sequence axis size {sequence}."
+            )
         ulysses_lib.check_heads(heads, kv_heads, ulysses_degree, what="USP's Ulysses part")
 
 
 # --------------------------------------------------------------------------------------------------
-# shard_map over the current mesh.
+# Attention under a mesh.
 
 
 def current_mesh_sizes() -> dict[str, int]:
@@ -108,79 +159,89 @@ def sequence_size(axis: str = SEQUENCE_AXIS) -> int:
     return current_mesh_sizes().get(axis, 1)
 
 
-def shard_over_sequence(local_fn, arrays: Mapping[str, jax.Array | None], logical: Mapping[str, tuple],
-                        out_logical, *, batch: int, heads: tuple[int, ...], axis: str = SEQUENCE_AXIS,
-                        check_vma: bool = False):
-    """Run local_fn(**arrays) on every device's shard, inside `jax.shard_map` over the current mesh.
-
-    `logical[name]` names each array's dimensions with "batch", "length", "heads" or None; `out_logical`
-    does the same for the output (a tuple of names, or a tuple of such tuples). Batch goes over the
-    mesh axes of the logical "batch" axis that divide `batch`, length over `axis`, heads over "tensor"
-    when it divides every count in `heads`. Mesh axes already manual (an outer shard_map) stay so.
-    check_vma=False by default: interpret-mode Pallas kernels fail the varying-axes check (FIELD_NOTES).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
-    if kinds.get(axis) == AxisType.Manual:
-        raise ValueError(f"mesh axis {axis!r} is already manual (inside another shard_map); sequence "
-                         "parallelism wraps its own shard_map over it.")
-    free = {a for a in mesh.axis_names if kinds[a] != AxisType.Manual}
-    usable = rules.usable_axes(mesh)
-    mapping = {"batch": rules.divisible_axes(rules.mesh_axes("batch"), usable, (batch,)), "length": axis,
-               "heads": rules.divisible_axes(rules.mesh_axes("heads"), usable, heads), None: None}
-
-    def spec(names):
-        return P(*(mapping[n] for n in names))
-
-    def is_names(x):
-        return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
-
-    present = {k: v for k, v in arrays.items() if v is not None}
-    in_specs = ({k: spec(logical[k]) for k in present},)
-    out_specs = jax.tree.map(spec, out_logical, is_leaf=is_names)
-    if any(kinds[a] == AxisType.Explicit for a in free):
-        present = {k: jax.sharding.reshard(v, in_specs[0][k]) for k, v in present.items()}
-
-    def body(present):
-        return local_fn(**{k: present.get(k) for k in arrays})
-
-    # Manual over the axes the specs use (and the sequence axis) only; the rest stay with GSPMD, so no
-    # collective is emitted over axes of size 1 or over axes nothing here is split on.
-    used = {axis} | {a for names in (mapping["batch"], mapping["heads"]) for a in (names or ())}
-    # Under jit also when called eagerly: eager partial-manual shard_map rejects these out_specs.
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=used,
-                                 check_vma=check_vma))(present)
+_QKV = ("batch", "length", "heads", None)
+_ROWS = ("batch", "length")
 
 
-# --------------------------------------------------------------------------------------------------
-# Attention.
-
-
-def sequence_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids=None, positions=None, variant: str = "ring",
-                       causal: bool = True, window: int | None = None, softcap: float | None = None,
-                       scale: float | None = None, implementation: str | None = None,
-                       ulysses_degree: int = 0, layout: str = "zigzag", interpret: bool | None = None,
-                       axis: str = SEQUENCE_AXIS):
-    """Self-attention of global q [B, T, N, H], k and v [B, T, K, H] with T split over the mesh's
-    sequence axis by `variant`; the same result as `jaxpar.kernels.attention.attention` on the tokens in
-    their true order.
+def sequence_attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    *,
+    segment_ids=None,
+    positions=None,
+    variant: str = "ring",
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+    ulysses_degree: int = 0,
+    layout: str = "zigzag",
+    interpret: bool | None = None,
+    return_lse: bool = False,
+    axis: str = SEQUENCE_AXIS,
+):
+    """Self-attention of global q [B, T, N, H], k and v [B, T, K, H] under the current mesh: the result
+    of `jaxpar.kernels.attention.attention` on the tokens in their true order, with T split over the
+    mesh's sequence axis by `variant`.
 
     The inputs are in the run's layout (`zigzag_factor(variant, ...)`; "contiguous" turns the zigzag off).
     segment_ids [B, T]: packed documents. positions [B, T]: the MASK positions (as in `attention`); leave
     None for the usual causal mask by token index, which the layout supplies (and which lets the ring skip
     blocks). RoPE positions are the model's business and never enter here.
     ulysses_degree: usp's Ulysses group size (0: `default_ulysses_degree`).
-    With no mesh or a sequence axis of size 1 this is `attention(...)`.
+    With a sequence axis of size 1 this is `attention(...)`: kernels GSPMD cannot partition (pallas,
+    cudnn) then run per device over batch and head shards; xla is left to GSPMD.
+    return_lse: also return the log-sum-exp [B, T, N] (sequence axis of size 1 only).
     """
     n = sequence_size(axis)
-    mask = dict(causal=causal, window=window, softcap=softcap, scale=scale, implementation=implementation,
-                interpret=interpret)
-    if n == 1:
-        return attention(q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids, positions=positions, **mask)
-
+    mask = dict(causal=causal, window=window, softcap=softcap, scale=scale, interpret=interpret)
     B, T, N, _ = q_BTNH.shape
     K = k_BTKH.shape[2]
-    tp = _heads_ways(N, K)
+    arrays = dict(q=q_BTNH, k=k_BTKH, v=v_BTKH, segment_ids=segment_ids, positions=positions)
+    logical = dict(q=_QKV, k=_QKV, v=_QKV, segment_ids=_ROWS, positions=_ROWS)
+    if n == 1:
+        name = attention_lib.resolve_implementation(
+            implementation,
+            attention_lib.case_of(
+                q_BTNH,
+                k_BTKH,
+                segment_ids=segment_ids,
+                positions=positions,
+                causal=causal,
+                window=window,
+                softcap=softcap,
+                return_lse=return_lse,
+            ),
+        )
+
+        def local(q, k, v, segment_ids, positions):
+            return attention_lib.attention(
+                q,
+                k,
+                v,
+                segment_ids=segment_ids,
+                positions=positions,
+                implementation=name,
+                return_lse=return_lse,
+                **mask,
+            )
+
+        if name == "xla":
+            return local(**arrays)
+        return per_device(
+            local,
+            arrays,
+            logical,
+            (_QKV, ("batch", "length", "heads")) if return_lse else _QKV,
+            batch=B,
+            heads=(N, K),
+        )
+    if return_lse:
+        raise ValueError("return_lse is supported without sequence parallelism only")
+
+    tp = heads_ways(N, K)
     if variant == "usp":
         ulysses_degree = resolve_ulysses_degree(ulysses_degree, n, N // tp, K // tp)
     zz = zigzag_factor(variant, n, ulysses_degree, layout=layout)
@@ -188,7 +249,13 @@ def sequence_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids=None, positions=No
     zigzag = zz > 1
 
     def local(q, k, v, segment_ids, positions):
-        common = dict(axis_name=axis, segment_ids=segment_ids, positions=positions, **mask)
+        common = dict(
+            axis_name=axis,
+            segment_ids=segment_ids,
+            positions=positions,
+            implementation=implementation,
+            **mask,
+        )
         if variant == "ring":
             return ring_lib.ring_attention(q, k, v, zigzag=zigzag, **common)
         if variant == "allgather":
@@ -197,17 +264,7 @@ def sequence_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids=None, positions=No
             return ulysses_lib.ulysses_attention(q, k, v, **common)
         return ulysses_lib.usp_attention(q, k, v, ulysses_size=ulysses_degree, zigzag=zigzag, **common)
 
-    qkv = ("batch", "length", "heads", None)
-    rows = ("batch", "length")
-    return shard_over_sequence(
-        local, dict(q=q_BTNH, k=k_BTKH, v=v_BTKH, segment_ids=segment_ids, positions=positions),
-        dict(q=qkv, k=qkv, v=qkv, segment_ids=rows, positions=rows), qkv, batch=B, heads=(N, K), axis=axis)
-
-
-def _heads_ways(*heads: int) -> int:
-    """How many ways shard_over_sequence splits heads (the tensor axes that divide every count)."""
-    usable = rules.usable_axes(jax.sharding.get_abstract_mesh())
-    return math.prod(usable[a] for a in rules.divisible_axes(rules.mesh_axes("heads"), usable, heads) or ())
+    return per_device(local, arrays, logical, _QKV, batch=B, heads=(N, K), length_axis=axis)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,7 +280,7 @@ def piece_order(n: int, zigzag: int) -> np.ndarray:
         return np.arange(n)[:, None]
     if n % zigzag:
         raise ValueError(f"a zigzag over {zigzag} ranks does not divide {n} sequence shards")
-    return zigzag_indices(2 * n, zigzag).reshape(n, 2)
+    return ring_lib.zigzag_indices(2 * n, zigzag).reshape(n, 2)
 
 
 def lasp2_incoming_states(state_PbKHH, log_decay_PbK, tag_Pb, *, axis_name: str, zigzag: int):
@@ -245,7 +302,7 @@ def lasp2_incoming_states(state_PbKHH, log_decay_PbK, tag_Pb, *, axis_name: str,
     order = piece_order(n, zigzag)
     if order.shape[1] != pieces:
         raise ValueError(f"{pieces} local pieces, but the layout has {order.shape[1]} per device")
-    gather = lambda x: jax.lax.all_gather(x, axis_name, axis=0, tiled=True)  # noqa: E731
+    gather = lambda x: jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
     # [n * pieces, ...] in device-major order -> global sequence order.
     to_global = np.argsort(order.reshape(-1))
     states = gather(state_PbKHH.astype(jnp.float32))[to_global]
@@ -268,57 +325,3 @@ def lasp2_incoming_states(state_PbKHH, log_decay_PbK, tag_Pb, *, axis_name: str,
 
     ids = jnp.asarray(order)[rank]  # [pieces]
     return jax.vmap(incoming)(ids)
-
-
-# --------------------------------------------------------------------------------------------------
-# Analytic communication per layer (checked against compiled programs by experiments/bench_sequence.py).
-
-
-def expected_terms(variant: str, *, batch: int, seq_len: int, sequence: int, heads: int, kv_heads: int,
-                   head_dim: int, act_bytes: int = 4, segment_ids: bool = True, ulysses_degree: int = 1,
-                   zigzag: int = 1) -> list[tuple[str, str, int]]:
-    """(what, collective kind, bytes) per device for one layer's forward + backward, in the convention of
-    jaxpar.parallel.analysis (all-gather: result bytes; reduce-scatter, all-to-all, collective-permute:
-    operand bytes). batch: rows per device; heads, kv_heads: per device after tensor parallelism.
-    variant: one of VARIANTS, or "lasp2" (linear attention; `zigzag` > 1 gives two pieces per device).
-    Ring and all-gather K/V gradients travel as float32; segment ids as int32."""
-    n, t = sequence, seq_len // sequence
-    kv = batch * t * kv_heads * head_dim * act_bytes  # this device's K (or V) shard
-    kv32 = batch * t * kv_heads * head_dim * 4
-    seg = batch * t * 4 if segment_ids else 0
-    qo = batch * t * heads * head_dim * act_bytes
-    if variant == "ring":
-        return [("forward: K, V passed n-1 times", "collective-permute", (n - 1) * 2 * kv),
-                ("forward: kv segment ids passed n-1 times", "collective-permute", (n - 1) * seg),
-                ("backward: K, V passed n-1 times again", "collective-permute", (n - 1) * 2 * kv),
-                ("backward: kv segment ids again", "collective-permute", (n - 1) * seg),
-                ("backward: dK, dV (float32) passed n times, home", "collective-permute",
-                 n * 2 * kv32 if n > 1 else 0)]
-    if variant == "ulysses":
-        return [("forward: all-to-all q, k, v, out", "all-to-all", 2 * qo + 2 * kv),
-                ("backward: all-to-all d out, dq, dk, dv", "all-to-all", 2 * qo + 2 * kv),
-                ("forward: all-gather segment ids", "all-gather", n * seg)]
-    if variant == "usp":
-        u, r = ulysses_degree, n // ulysses_degree
-        ring_kv = batch * (u * t) * (kv_heads // u) * head_dim  # a ring block: group's tokens, 1/u heads
-        ring_seg = batch * u * t * 4 if segment_ids else 0
-        return [("forward: all-to-all q, k, v, out inside groups", "all-to-all", 2 * qo + 2 * kv),
-                ("backward: all-to-all inside groups", "all-to-all", 2 * qo + 2 * kv),
-                ("forward: all-gather segment ids inside groups", "all-gather", u * seg),
-                ("ring across groups: K, V passed r-1 times, forward and backward", "collective-permute",
-                 (r - 1) * 4 * ring_kv * act_bytes),
-                ("ring: segment ids passed r-1 times, forward and backward", "collective-permute",
-                 (r - 1) * 2 * ring_seg),
-                ("ring: dK, dV (float32) passed r times", "collective-permute",
-                 r * 2 * ring_kv * 4 if r > 1 else 0)]
-    if variant == "allgather":
-        return [("forward: all-gather K, V", "all-gather", 2 * n * kv),
-                ("forward: all-gather kv segment ids", "all-gather", n * seg),
-                ("backward: reduce-scatter dK, dV (float32)", "reduce-scatter", 2 * n * kv32)]
-    if variant == "lasp2":
-        pieces = 2 if zigzag > 1 else 1
-        states = n * pieces * batch * kv_heads * (head_dim * head_dim + 1) * 4  # + summed log decays
-        return [("forward: all-gather memory states and decays", "all-gather", states),
-                ("forward: all-gather segment tags", "all-gather", n * pieces * batch * 4),
-                ("backward: reduce-scatter their gradients", "reduce-scatter", states)]
-    raise ValueError(f"unknown variant {variant!r}")

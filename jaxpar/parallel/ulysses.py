@@ -30,7 +30,8 @@ def check_heads(heads: int, kv_heads: int, ways: int, what: str = "Ulysses") -> 
             f"{what} splits attention heads {ways} ways across the sequence axis, but this device has "
             f"{heads} query heads and {kv_heads} key/value heads: the {which} do not divide by {ways}. "
             "Use fewer sequence shards for Ulysses, sequence_parallel='usp' with a smaller ulysses "
-            "degree, or 'ring' (no head constraint).")
+            "degree, or 'ring' (no head constraint)."
+        )
 
 
 def groups(axis_size: int, ulysses_size: int) -> list[list[int]]:
@@ -46,10 +47,23 @@ def _heads_to_seq(x, axis_name, axis_index_groups):
     return jax.lax.all_to_all(x, axis_name, 1, 2, axis_index_groups=axis_index_groups, tiled=True)
 
 
-def ulysses_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, segment_ids=None, positions=None,
-                      causal: bool = True, window: int | None = None, softcap: float | None = None,
-                      scale: float | None = None, implementation: str | None = None,
-                      interpret: bool | None = None, ulysses_size: int | None = None, inner=None):
+def ulysses_attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    *,
+    axis_name: str,
+    segment_ids=None,
+    positions=None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+    interpret: bool | None = None,
+    ulysses_size: int | None = None,
+    inner=None,
+):
     """Attention of this device's sequence shard, heads exchanged by all-to-all over `axis_name`.
 
     q [b, t, n, h], k and v [b, t, kh, h], segment_ids and positions [b, t]: this device's shards of a
@@ -66,23 +80,48 @@ def ulysses_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, segment_ids=Non
     check_heads(q_BTNH.shape[2], k_BTKH.shape[2], ways)
     grouping = None if ways == size else groups(size, ways)
     to_heads = functools.partial(_seq_to_heads, axis_name=axis_name, axis_index_groups=grouping)
-    gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, axis=1, tiled=True,
-                               axis_index_groups=grouping)
+    gather = functools.partial(
+        jax.lax.all_gather, axis_name=axis_name, axis=1, tiled=True, axis_index_groups=grouping
+    )
     q, k, v = to_heads(q_BTNH), to_heads(k_BTKH), to_heads(v_BTKH)
     seg = None if segment_ids is None else gather(segment_ids)
     pos = None if positions is None else gather(positions)
     if inner is not None:
         out = inner(q, k, v, seg, pos)
     else:
-        out = attention(q, k, v, segment_ids=seg, positions=pos, causal=causal, window=window,
-                        softcap=softcap, scale=scale, implementation=implementation, interpret=interpret)
+        out = attention(
+            q,
+            k,
+            v,
+            segment_ids=seg,
+            positions=pos,
+            causal=causal,
+            window=window,
+            softcap=softcap,
+            scale=scale,
+            implementation=implementation,
+            interpret=interpret,
+        )
     return _heads_to_seq(out, axis_name, grouping)
 
 
-def usp_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, ulysses_size: int, segment_ids=None,
-                  positions=None, zigzag: bool = True, causal: bool = True, window: int | None = None,
-                  softcap: float | None = None, scale: float | None = None, implementation: str | None = None,
-                  interpret: bool | None = None):
+def usp_attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    *,
+    axis_name: str,
+    ulysses_size: int,
+    segment_ids=None,
+    positions=None,
+    zigzag: bool = True,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+    interpret: bool | None = None,
+):
     """Ulysses inside groups of `ulysses_size` consecutive devices, ring attention across the groups.
 
     Layout: the sequence is laid out zigzag over the R = size / ulysses_size groups (when `zigzag`), and
@@ -94,9 +133,29 @@ def usp_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str, ulysses_size: int, 
 
     def ring_over_groups(q, k, v, seg, pos):
         return ring_lib.ring_attention(
-            q, k, v, axis_name=axis_name, segment_ids=seg, positions=pos, zigzag=zigzag, stride=ulysses_size,
-            causal=causal, window=window, softcap=softcap, scale=scale, implementation=implementation,
-            interpret=interpret)
+            q,
+            k,
+            v,
+            axis_name=axis_name,
+            segment_ids=seg,
+            positions=pos,
+            zigzag=zigzag,
+            stride=ulysses_size,
+            causal=causal,
+            window=window,
+            softcap=softcap,
+            scale=scale,
+            implementation=implementation,
+            interpret=interpret,
+        )
 
-    return ulysses_attention(q_BTNH, k_BTKH, v_BTKH, axis_name=axis_name, segment_ids=segment_ids,
-                             positions=positions, ulysses_size=ulysses_size, inner=ring_over_groups)
+    return ulysses_attention(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        axis_name=axis_name,
+        segment_ids=segment_ids,
+        positions=positions,
+        ulysses_size=ulysses_size,
+        inner=ring_over_groups,
+    )

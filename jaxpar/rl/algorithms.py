@@ -9,7 +9,7 @@ optionally telling agents apart by a one-hot id appended to their inputs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -36,8 +36,11 @@ def ippo(cfg: NetworkConfig) -> Algorithm:
 
 
 def mappo(cfg: NetworkConfig) -> Algorithm:
-    return Algorithm("mappo", actor_inputs=_maybe_id(cfg, lambda obs: obs),
-                     critic_inputs=_maybe_id(cfg, batching.global_state))
+    return Algorithm(
+        "mappo",
+        actor_inputs=_maybe_id(cfg, lambda obs: obs),
+        critic_inputs=_maybe_id(cfg, batching.global_state),
+    )
 
 
 ALGORITHMS = {"ippo": ippo, "mappo": mappo}

@@ -12,8 +12,7 @@ import dataclasses
 
 import ml_collections
 
-from jaxpar.config import (ConfigError, MeshConfig, batch_split, build_run, one_of, require,  # noqa: F401
-                           to_dict)
+from jaxpar.config import MeshConfig, batch_split, build_run, one_of, require
 
 ALGORITHMS = ("ippo", "mappo")
 NETWORKS = ("ff", "rnn")
@@ -60,7 +59,9 @@ class AlgoConfig:
         for name in ("num_steps", "update_epochs", "num_minibatches"):
             require(getattr(self, name) >= 1, f"algo.{name}={getattr(self, name)} must be >= 1.")
         for name in ("gamma", "gae_lambda"):
-            require(0.0 <= getattr(self, name) <= 1.0, f"algo.{name}={getattr(self, name)} must be in [0, 1].")
+            require(
+                0.0 <= getattr(self, name) <= 1.0, f"algo.{name}={getattr(self, name)} must be in [0, 1]."
+            )
         require(self.clip_eps > 0, f"algo.clip_eps={self.clip_eps} must be positive.")
         require(self.lr > 0, f"algo.lr={self.lr} must be positive.")
         require(self.max_grad_norm > 0, f"algo.max_grad_norm={self.max_grad_norm} must be positive.")
@@ -125,12 +126,12 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MARLRunConfig:
-    env: EnvConfig
-    algo: AlgoConfig
-    network: NetworkConfig
-    mesh: MeshConfig
-    train: MARLTrainConfig
-    eval: EvalConfig
+    env: EnvConfig = EnvConfig()
+    algo: AlgoConfig = AlgoConfig()
+    network: NetworkConfig = NetworkConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: MARLTrainConfig = MARLTrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     @property
     def steps_per_update(self) -> int:
@@ -145,9 +146,11 @@ class MARLRunConfig:
 def from_config_dict(config: ml_collections.ConfigDict | dict) -> MARLRunConfig:
     """The one boundary from a (user-edited) ConfigDict to typed, validated MARL configs."""
     run = build_run(MARLRunConfig, config)
-    require(run.num_updates >= 1,
-            f"train.total_env_steps={run.train.total_env_steps} is less than one update of env.num_envs x "
-            f"algo.num_steps = {run.steps_per_update} env steps; raise it or shrink the update.")
+    require(
+        run.num_updates >= 1,
+        f"train.total_env_steps={run.train.total_env_steps} is less than one update of env.num_envs x "
+        f"algo.num_steps = {run.steps_per_update} env steps; raise it or shrink the update.",
+    )
     return run
 
 
@@ -158,28 +161,35 @@ def validate_run(run: MARLRunConfig, num_devices: int, env) -> dict[str, int]:
     sizes = run.mesh.resolve(num_devices)
     shards, batch_keys = batch_split(sizes)
     algo, num_envs = run.algo, run.env.num_envs
-    require(num_envs % shards == 0,
-            f"env.num_envs={num_envs} is not divisible by {batch_keys}={shards}; the env "
-            f"batch is split evenly over those axes. Use a multiple of {shards}.")
-    require(isinstance(env.action_space, spaces.Discrete),
-            f"env {run.env.id!r} with kwargs {run.env.kwargs} has continuous actions; the PPO heads here are "
-            "categorical. Use discrete actions (e.g. env.kwargs.continuous_actions=False).")
+    require(
+        num_envs % shards == 0,
+        f"env.num_envs={num_envs} is not divisible by {batch_keys}={shards}; the env "
+        f"batch is split evenly over those axes. Use a multiple of {shards}.",
+    )
+    require(
+        isinstance(env.action_space, spaces.Discrete),
+        f"env {run.env.id!r} with kwargs {run.env.kwargs} has continuous actions; the PPO heads here are "
+        "categorical. Use discrete actions (e.g. env.kwargs.continuous_actions=False).",
+    )
     if run.network.kind == "rnn":
         # Recurrent minibatches are whole env sequences.
-        require(num_envs % algo.num_minibatches == 0 and (num_envs // algo.num_minibatches) % shards == 0,
-                f"network.kind='rnn' splits the env.num_envs={num_envs} sequences into "
-                f"algo.num_minibatches={algo.num_minibatches} minibatches, each split over {shards} batch "
-                f"shards; make num_envs a multiple of num_minibatches*{shards}={algo.num_minibatches * shards}.")
+        require(
+            num_envs % algo.num_minibatches == 0 and (num_envs // algo.num_minibatches) % shards == 0,
+            f"network.kind='rnn' splits the env.num_envs={num_envs} sequences into "
+            f"algo.num_minibatches={algo.num_minibatches} minibatches, each split over {shards} batch "
+            f"shards; make num_envs a multiple of num_minibatches*{shards}={algo.num_minibatches * shards}.",
+        )
     else:
         samples = num_envs * algo.num_steps
-        require(samples % (algo.num_minibatches * shards) == 0,
-                f"an update's {samples} env steps (num_envs*num_steps, all agents of a step kept together) do "
-                f"not split into algo.num_minibatches={algo.num_minibatches} minibatches over {shards} batch "
-                f"shards; choose num_minibatches so that {algo.num_minibatches * shards} divides {samples}.")
-    require(sizes["fsdp"] * sizes["tensor"] == 1 or run.network.hidden % (sizes["fsdp"] * sizes["tensor"]) == 0,
-            f"network.hidden={run.network.hidden} is not divisible by mesh.fsdp*mesh.tensor="
-            f"{sizes['fsdp'] * sizes['tensor']}; sharded policy weights split the hidden width evenly.")
+        require(
+            samples % (algo.num_minibatches * shards) == 0,
+            f"an update's {samples} env steps (num_envs*num_steps, all agents of a step kept together) do "
+            f"not split into algo.num_minibatches={algo.num_minibatches} minibatches over {shards} batch "
+            f"shards; choose num_minibatches so that {algo.num_minibatches * shards} divides {samples}.",
+        )
+    require(
+        sizes["fsdp"] * sizes["tensor"] == 1 or run.network.hidden % (sizes["fsdp"] * sizes["tensor"]) == 0,
+        f"network.hidden={run.network.hidden} is not divisible by mesh.fsdp*mesh.tensor="
+        f"{sizes['fsdp'] * sizes['tensor']}; sharded policy weights split the hidden width evenly.",
+    )
     return sizes
-
-
-__all__ = ["ConfigError", "MARLRunConfig", "from_config_dict", "validate_run", "to_dict"]

@@ -30,15 +30,23 @@ from jaxpar.rl.ppo import PPO
 from jaxpar.train.checkpoint import Checkpointer
 from jaxpar.train.metrics import MetricsWriter, save_config
 
-SCALARS = ("episode_return", "episode_length", "policy_loss", "value_loss", "entropy", "approx_kl",
-           "clip_fraction", "lr")
+SCALARS = (
+    "episode_return",
+    "episode_length",
+    "policy_loss",
+    "value_loss",
+    "entropy",
+    "approx_kl",
+    "clip_fraction",
+    "lr",
+)
 
 
 def build(run: MARLRunConfig, devices=None) -> PPO:
     env = envs.make(run.env.id, **run.env.kwargs)
     devices = jax.devices() if devices is None else devices
-    validate_run(run, len(devices), env)
-    return PPO(run, env, make_mesh(run.mesh, devices))
+    sizes = validate_run(run, len(devices), env)
+    return PPO(run, env, make_mesh(sizes, devices))
 
 
 def _record(metrics: dict, i: int) -> dict:
@@ -90,9 +98,15 @@ def _run_updates(run, ppo: PPO, workdir, states, start, clock, checkpointer) -> 
     total = run.num_updates
     writer = MetricsWriter(workdir, resume_step=start)
     env_steps_per_update = run.steps_per_update * tcfg.num_seeds
-    bar = tqdm(total=total * run.steps_per_update, initial=start * run.steps_per_update, unit="step",
-               unit_scale=True, desc=f"{run.algo.name} {run.env.id} [{describe(ppo.mesh)}]",
-               disable=jax.process_index() != 0, mininterval=1.0)
+    bar = tqdm(
+        total=total * run.steps_per_update,
+        initial=start * run.steps_per_update,
+        unit="step",
+        unit_scale=True,
+        desc=f"{run.algo.name} {run.env.id} [{describe(ppo.mesh)}]",
+        disable=jax.process_index() != 0,
+        mininterval=1.0,
+    )
     last: dict = {}
     update = start
     for n in {min(tcfg.updates_per_call, total - start), (total - start) % tcfg.updates_per_call} - {0}:
@@ -112,15 +126,21 @@ def _run_updates(run, ppo: PPO, workdir, states, start, clock, checkpointer) -> 
             if step % tcfg.log_every and step != total:
                 continue
             record = _record(metrics, i)
-            record.update(env_steps_per_s=rate, wall_s=wall_s - elapsed * (n - 1 - i) / n, compile_s=compile_s,
-                          cpu_s=cpu_s)
+            record.update(
+                env_steps_per_s=rate,
+                wall_s=wall_s - elapsed * (n - 1 - i) / n,
+                compile_s=compile_s,
+                cpu_s=cpu_s,
+            )
             writer.write(step, record)
             last = {"step": step, **record}
         update += n
         bar.update(n * run.steps_per_update)
         if last:
             bar.set_postfix(ret=f"{last['episode_return'] or float('nan'):.2f}", sps=f"{rate:,.0f}")
-        due = tcfg.checkpoint_every and (update // tcfg.checkpoint_every) > ((update - n) // tcfg.checkpoint_every)
+        due = tcfg.checkpoint_every and (update // tcfg.checkpoint_every) > (
+            (update - n) // tcfg.checkpoint_every
+        )
         if due or update == total:
             checkpointer.save(update, states, {"wall_s": wall_s, "cpu_s": cpu_s})
     bar.close()
@@ -139,11 +159,15 @@ def restore_params(run: MARLRunConfig, workdir: str, ppo: PPO):
     try:
         step = checkpointer.latest_step()
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first with "
-                                    f"the same --workdir.")
+            raise FileNotFoundError(
+                f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first with "
+                f"the same --workdir."
+            )
         if run.eval.seed_index >= run.train.num_seeds:
-            raise ValueError(f"eval.seed_index={run.eval.seed_index} but the run has train.num_seeds="
-                             f"{run.train.num_seeds}.")
+            raise ValueError(
+                f"eval.seed_index={run.eval.seed_index} but the run has train.num_seeds="
+                f"{run.train.num_seeds}."
+            )
         states, _ = checkpointer.restore(step, ppo.abstract_state)
     finally:
         checkpointer.close()
@@ -169,7 +193,9 @@ def rollout_episode(ppo: PPO, params, key, greedy: bool):
         k_act, k_env = jax.random.split(k)
         carry, logits, _ = ppo.policy_step(params, carry, obs[None], reset[None])
         actions = jnp.argmax(logits[0], -1) if greedy else jax.random.categorical(k_act, logits[0])
-        obs, next_state, reward, terminated, truncated, _ = env.step(k_env, env_state, actions.astype(jnp.int32))
+        obs, next_state, reward, terminated, truncated, _ = env.step(
+            k_env, env_state, actions.astype(jnp.int32)
+        )
         done = episode_done(terminated, truncated)
         out = (env_state, jnp.where(alive, reward, 0.0), alive)
         return (obs, next_state, carry, jnp.asarray(False), alive & ~done), out
@@ -196,12 +222,23 @@ def evaluate(run: MARLRunConfig, workdir: str, devices=None) -> dict:
         returns.append(np.asarray(rewards).sum(axis=0))
         if episode == 0:
             length = int(np.asarray(alive).sum())
-            gif = render.animate(ppo.env, states, length + 1, os.path.join(workdir, "eval.gif"), run.eval.fps,
-                                 title=f"{run.algo.name} {run.env.id}, update {step}")
+            gif = render.animate(
+                ppo.env,
+                states,
+                length + 1,
+                os.path.join(workdir, "eval.gif"),
+                run.eval.fps,
+                title=f"{run.algo.name} {run.env.id}, update {step}",
+            )
     returns = np.stack(returns)
-    result = {"checkpoint_update": step, "episodes": run.eval.episodes, "greedy": run.eval.greedy,
-              "return_per_agent": returns.mean(axis=0).tolist(), "mean_return": float(returns.mean()),
-              "gif": gif}
+    result = {
+        "checkpoint_update": step,
+        "episodes": run.eval.episodes,
+        "greedy": run.eval.greedy,
+        "return_per_agent": returns.mean(axis=0).tolist(),
+        "mean_return": float(returns.mean()),
+        "gif": gif,
+    }
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

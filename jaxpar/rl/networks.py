@@ -74,8 +74,9 @@ def _out_name(index: int) -> str:
 class MLP(nnx.Module):
     def __init__(self, din: int, hidden: int, layers: int, activation: str, rngs: nnx.Rngs):
         dims = [din] + [hidden] * layers
-        self.layers = nnx.List([Dense(dims[i], dims[i + 1], _hidden_names(i), np.sqrt(2), rngs)
-                                for i in range(layers)])
+        self.layers = nnx.List(
+            [Dense(dims[i], dims[i + 1], _hidden_names(i), np.sqrt(2), rngs) for i in range(layers)]
+        )
         self.activation = activation
         self.out_name = _out_name(layers - 1)
 
@@ -98,8 +99,8 @@ class GRU(nnx.Module):
         gi, gh = self.input(x), self.recurrent(h)
         H = self.hidden
         r = jax.nn.sigmoid(gi[..., :H] + gh[..., :H])
-        z = jax.nn.sigmoid(gi[..., H:2 * H] + gh[..., H:2 * H])
-        n = jnp.tanh(gi[..., 2 * H:] + r * gh[..., 2 * H:])
+        z = jax.nn.sigmoid(gi[..., H : 2 * H] + gh[..., H : 2 * H])
+        n = jnp.tanh(gi[..., 2 * H :] + r * gh[..., 2 * H :])
         return (1.0 - z) * n + z * h
 
 

@@ -12,17 +12,21 @@ from jaxpar.train.metrics import read_metrics
 def curve(records: list[dict]) -> dict[str, np.ndarray]:
     """Arrays over logged updates: env_steps, wall_s, per-seed returns [n, S] (NaN where none ended)."""
     rows = [r for r in records if r.get("return_per_seed") is not None]
-    per_seed = np.array([[np.nan if x is None else x for x in r["return_per_seed"]] for r in rows], np.float64)
-    return {"env_steps": np.array([r["env_steps"] for r in rows], np.float64),
-            "wall_s": np.array([r.get("wall_s", np.nan) for r in rows], np.float64),
-            "per_seed": per_seed.reshape(len(rows), -1)}
+    per_seed = np.array(
+        [[np.nan if x is None else x for x in r["return_per_seed"]] for r in rows], np.float64
+    )
+    return {
+        "env_steps": np.array([r["env_steps"] for r in rows], np.float64),
+        "wall_s": np.array([r.get("wall_s", np.nan) for r in rows], np.float64),
+        "per_seed": per_seed.reshape(len(rows), -1),
+    }
 
 
 def smooth(y: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over `window` points, ignoring NaNs."""
     out = np.full_like(y, np.nan)
     for i in range(len(y)):
-        chunk = y[max(0, i - window + 1):i + 1]
+        chunk = y[max(0, i - window + 1) : i + 1]
         if np.isfinite(chunk).any():
             out[i] = np.nanmean(chunk)
     return out
@@ -35,8 +39,9 @@ def plot_curves(axes, label: str, c: dict, colour=None, window: int = 10):
     for ax, x in zip(axes, (c["env_steps"], c["wall_s"])):
         (line,) = ax.plot(x, mean, label=label, color=colour)
         if per_seed.shape[1] > 1:
-            ax.fill_between(x, np.nanmin(per_seed, axis=1), np.nanmax(per_seed, axis=1), alpha=0.2,
-                            color=line.get_color())
+            ax.fill_between(
+                x, np.nanmin(per_seed, axis=1), np.nanmax(per_seed, axis=1), alpha=0.2, color=line.get_color()
+            )
 
 
 def new_figure(title: str):

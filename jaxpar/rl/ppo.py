@@ -67,13 +67,15 @@ class PPO:
     # --- model and optimizer ------------------------------------------------------------------------
 
     def _model(self, key):
-        return networks.ActorCritic(self.actor_dim, self.critic_dim, self.num_actions, self.run.network,
-                                    rngs=nnx.Rngs(key))
+        return networks.ActorCritic(
+            self.actor_dim, self.critic_dim, self.num_actions, self.run.network, rngs=nnx.Rngs(key)
+        )
 
     def _optimizer(self):
         algo = self.run.algo
         grad_steps_per_update = algo.update_epochs * algo.num_minibatches
         if algo.anneal_lr:
+
             def lr(count):
                 return self._current_lr(count // grad_steps_per_update)
         else:
@@ -85,7 +87,9 @@ class PPO:
         with nnx.use_eager_sharding(False):
             model = nnx.merge(self.graphdef, params)
         reset_A = jnp.broadcast_to(reset[..., None], obs.shape[:-1])
-        carry, logits, values = model(carry, self.algo.actor_inputs(obs), self.algo.critic_inputs(obs), reset_A)
+        carry, logits, values = model(
+            carry, self.algo.actor_inputs(obs), self.algo.critic_inputs(obs), reset_A
+        )
         return carry, batching.masked_logits(logits, self.mask), values
 
     def value(self, params, carry, obs, reset):
@@ -102,8 +106,12 @@ class PPO:
             params = nnx.state(self._model(k_params))
         obs, env_state = self.vec.reset(k_env)
         E, A = self.run.env.num_envs, self.num_agents
-        rollout = RolloutState(env_state=env_state, obs=obs, carry=networks.initial_carry(self.run.network, (E, A)),
-                               reset=jnp.ones((E,), bool))
+        rollout = RolloutState(
+            env_state=env_state,
+            obs=obs,
+            carry=networks.initial_carry(self.run.network, (E, A)),
+            reset=jnp.ones((E,), bool),
+        )
         train = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
         return RunnerState(train=train, rollout=constrain_batch(rollout), key=jax.random.key_data(k_run))
 
@@ -111,8 +119,10 @@ class PPO:
         algo = self.run.algo
         key, k_rollout, k_learn = jax.random.split(jax.random.wrap_key_data(state.key), 3)
         params = state.train.params
-        sample = (lambda k, logits: jax.random.categorical(k, logits).astype(jnp.int32))
-        rollout, traj = collect(self.vec, self.policy_step, params, state.rollout, k_rollout, algo.num_steps, sample)
+        sample = lambda k, logits: jax.random.categorical(k, logits).astype(jnp.int32)
+        rollout, traj = collect(
+            self.vec, self.policy_step, params, state.rollout, k_rollout, algo.num_steps, sample
+        )
 
         last_value = self.value(params, rollout.carry, rollout.obs, rollout.reset)
         terminated, truncated = traj.terminated, traj.truncated
@@ -123,15 +133,33 @@ class PPO:
         else:
             terminated, truncated = terminated | truncated, jnp.zeros_like(truncated)
             final_values = traj.values
-        advantages, returns = gae(traj.rewards, traj.values, final_values, terminated, truncated, last_value,
-                                  algo.gamma, algo.gae_lambda)
-        batch = {"obs": traj.obs, "actions": traj.actions, "log_probs": traj.log_probs, "values": traj.values,
-                 "advantages": advantages, "returns": returns, "reset": traj.reset}
+        advantages, returns = gae(
+            traj.rewards,
+            traj.values,
+            final_values,
+            terminated,
+            truncated,
+            last_value,
+            algo.gamma,
+            algo.gae_lambda,
+        )
+        batch = {
+            "obs": traj.obs,
+            "actions": traj.actions,
+            "log_probs": traj.log_probs,
+            "values": traj.values,
+            "advantages": advantages,
+            "returns": returns,
+            "reset": traj.reset,
+        }
         train, losses = self._learn(state.train, batch, state.rollout.carry, k_learn)
 
-        metrics = {**episode_metrics(traj), **losses,
-                   "lr": self._current_lr(state.train.step),
-                   "env_steps": (state.train.step + 1) * self.run.steps_per_update}
+        metrics = {
+            **episode_metrics(traj),
+            **losses,
+            "lr": self._current_lr(state.train.step),
+            "env_steps": (state.train.step + 1) * self.run.steps_per_update,
+        }
         return RunnerState(train=train, rollout=rollout, key=jax.random.key_data(key)), metrics
 
     def _current_lr(self, update):
@@ -145,14 +173,16 @@ class PPO:
 
         def loss_fn(params, minibatch, carry):
             if recurrent:
+
                 def step(c, obs, reset):
                     c, logits, values = self.policy_step(params, c, obs, reset)
                     return c, (logits, values)
 
                 logits, values = networks.unroll(step, carry, minibatch["obs"], minibatch["reset"])
             else:
-                _, logits, values = self.policy_step(params, (), minibatch["obs"],
-                                                     jnp.zeros(minibatch["obs"].shape[:-2], bool))
+                _, logits, values = self.policy_step(
+                    params, (), minibatch["obs"], jnp.zeros(minibatch["obs"].shape[:-2], bool)
+                )
             return ppo_loss(logits, values, minibatch, algo)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -194,7 +224,8 @@ class PPO:
             return jax.lax.scan(sgd_step, carry_state, minibatches)
 
         (params, opt_state), metrics = jax.lax.scan(
-            epoch, (train.params, train.opt_state), jax.random.split(key, algo.update_epochs))
+            epoch, (train.params, train.opt_state), jax.random.split(key, algo.update_epochs)
+        )
         metrics = jax.tree.map(jnp.mean, metrics)
         return TrainState(step=train.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -213,14 +244,18 @@ class PPO:
     @functools.cached_property
     def abstract_state(self) -> RunnerState:
         """The vmapped runner state as ShapeDtypeStructs carrying their shardings (restore target)."""
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            self._state_shapes, self.state_shardings)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            self._state_shapes,
+            self.state_shardings,
+        )
 
     @functools.cached_property
     def state_shardings(self) -> RunnerState:
         shapes = self._state_shapes
-        seeded_specs = jax.tree.map(lambda spec: P(None, *spec), self.param_specs,
-                                    is_leaf=lambda x: isinstance(x, P))
+        seeded_specs = jax.tree.map(
+            lambda spec: P(None, *spec), self.param_specs, is_leaf=lambda x: isinstance(x, P)
+        )
         param_shardings = rules.tree_shardings(self.mesh, shapes.train.params, seeded_specs)
         rules.check_sharded(self.mesh, shapes.train.params, param_shardings)
         train = state_shardings(self.mesh, shapes.train, param_shardings)
@@ -243,13 +278,17 @@ class PPO:
 
         return jax.lax.scan(body, states, None, length=n)
 
-    @functools.cache
+    @functools.cache  # noqa: B019 (one PPO per run: the cache holds its compiled programs for the run's life)
     def run_updates(self, n: int):
         """`states -> (states, metrics [n, S, ...])`: n updates of every seed in one call, compiled ahead of
         time for the sharded state (the first call for each n pays the compile; `compile_s[n]` says how
         long it took)."""
-        jitted = jax.jit(functools.partial(self._updates, n=n), in_shardings=(self.state_shardings,),
-                         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+        jitted = jax.jit(
+            functools.partial(self._updates, n=n),
+            in_shardings=(self.state_shardings,),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=0,
+        )
         start = time.perf_counter()
         with jax.set_mesh(self.mesh):
             compiled = jitted.lower(self.abstract_state).compile()
@@ -261,15 +300,16 @@ class PPO:
 
         def train(keys):
             states = jax.vmap(self.init)(keys)
-            return self._updates(jax.lax.with_sharding_constraint(states, self.state_shardings), self.num_updates)
+            return self._updates(
+                jax.lax.with_sharding_constraint(states, self.state_shardings), self.num_updates
+            )
 
-        jitted = jax.jit(train, in_shardings=self.replicated, out_shardings=(self.state_shardings, self.replicated))
+        jitted = jax.jit(
+            train, in_shardings=self.replicated, out_shardings=(self.state_shardings, self.replicated)
+        )
 
         def call(keys):
             with jax.set_mesh(self.mesh):
                 return jitted(keys)
 
         return call
-
-
-

@@ -37,8 +37,12 @@ def animate(env, states, num_frames: int, path: str, fps: int = 10, title: str =
     ax.set_yticks([])
     colours = ["tab:red" if name.startswith("adversary") else "tab:blue" for name in names]
     # Landmarks on top (they are often smaller than the agents covering them).
-    landmarks = [plt.Circle((0, 0), float(size), color="0.2", alpha=0.6, zorder=3) for size in world.landmark_size]
-    agents = [plt.Circle((0, 0), float(size), color=c, alpha=0.85) for size, c in zip(world.agent_size, colours)]
+    landmarks = [
+        plt.Circle((0, 0), float(size), color="0.2", alpha=0.6, zorder=3) for size in world.landmark_size
+    ]
+    agents = [
+        plt.Circle((0, 0), float(size), color=c, alpha=0.85) for size, c in zip(world.agent_size, colours)
+    ]
     for patch in landmarks + agents:
         ax.add_patch(patch)
     label = ax.set_title(title, fontsize=9)

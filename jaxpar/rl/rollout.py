@@ -8,7 +8,7 @@ default), so each env's draw is the same however the batch is split over devices
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +57,15 @@ def constrain_batch(tree):
     return jax.tree.map(lambda x: constrain(x, batch_names(x)), tree)
 
 
-def collect(vec_env, policy_step: PolicyStep, params, state: RolloutState, key: jax.Array, num_steps: int,
-            sample: Callable[[jax.Array, jax.Array], jax.Array]):
+def collect(
+    vec_env,
+    policy_step: PolicyStep,
+    params,
+    state: RolloutState,
+    key: jax.Array,
+    num_steps: int,
+    sample: Callable[[jax.Array, jax.Array], jax.Array],
+):
     """(final RolloutState, Transition stacked on a leading [num_steps] axis)."""
 
     def body(state: RolloutState, step_key):
@@ -69,10 +76,20 @@ def collect(vec_env, policy_step: PolicyStep, params, state: RolloutState, key: 
         obs, env_state, reward, terminated, truncated, info = vec_env.step(k_env, state.env_state, actions)
         done = episode_done(terminated, truncated)
         transition = Transition(
-            obs=state.obs, actions=actions, log_probs=logp, values=values, rewards=reward,
-            terminated=terminated, truncated=truncated, reset=state.reset, final_obs=info["final_obs"],
-            carry=carry, episode_done=info["returned_episode"],
-            episode_return=info["returned_episode_return"], episode_length=info["returned_episode_length"])
+            obs=state.obs,
+            actions=actions,
+            log_probs=logp,
+            values=values,
+            rewards=reward,
+            terminated=terminated,
+            truncated=truncated,
+            reset=state.reset,
+            final_obs=info["final_obs"],
+            carry=carry,
+            episode_done=info["returned_episode"],
+            episode_return=info["returned_episode_return"],
+            episode_length=info["returned_episode_length"],
+        )
         next_state = constrain_batch(RolloutState(env_state=env_state, obs=obs, carry=carry, reset=done))
         return next_state, transition
 

@@ -26,7 +26,8 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int):
         self.directory = os.path.abspath(directory)
         registry = ocp.handlers.create_default_handler_registry(
-            state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler())
+            state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler()
+        )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
             enable_async_checkpointing=True,
@@ -41,8 +42,9 @@ class Checkpointer:
         """Returns once device arrays are copied to host; the write finishes in the background."""
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(_without_empty(state)),
-                                    data=ocp.args.JsonSave(data_state)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_without_empty(state)), data=ocp.args.JsonSave(data_state)
+            ),
             force=True,
         )
 
@@ -51,20 +53,26 @@ class Checkpointer:
         try:
             restored = self.manager.restore(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(_without_empty(abstract_state)),
-                                        data=ocp.args.JsonRestore()),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_without_empty(abstract_state)),
+                    data=ocp.args.JsonRestore(),
+                ),
             )
         except Exception as error:  # orbax raises many types; all mean the same to the user
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} could not be restored ({type(error).__name__}: "
-                f"{error}). It was left untouched. If the model config changed since it was written, run with "
-                "the config it was saved with (config.json in the workdir) or use a new --workdir; if the "
-                f"step is corrupt, move {os.path.join(self.directory, str(step))} aside to resume from an "
-                "earlier step."
+                f"checkpoint step {step} in {self.directory} could not be restored "
+                f"({type(error).__name__}: {error}). It was left untouched. If the model config changed "
+                "since it was written, run with the config it was saved with (config.json in the workdir) or "
+                "use a new --workdir; if the step is corrupt, move "
+                f"{os.path.join(self.directory, str(step))} aside to resume from an earlier step."
             ) from error
         state = jax.tree.map(
-            lambda want, got: jax.device_put(np.zeros(want.shape, want.dtype), want.sharding) if got is None
-            else got, abstract_state, restored.state)
+            lambda want, got: (
+                jax.device_put(np.zeros(want.shape, want.dtype), want.sharding) if got is None else got
+            ),
+            abstract_state,
+            restored.state,
+        )
         return state, restored.data
 
     def wait(self) -> None:

@@ -144,8 +144,9 @@ def _split_docs(corpus: _Corpus, eval_fraction: float, split: str) -> np.ndarray
     return np.sort(np.array(chosen))
 
 
-def _chunk_table(corpus: _Corpus, docs: np.ndarray, seq_len: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _chunk_table(
+    corpus: _Corpus, docs: np.ndarray, seq_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(file, first token, token count) per chunk, in document order; consecutive chunks of a document
     overlap by one token because a chunk's last token is only a target."""
     pairs = corpus.doc_len[docs] - 1
@@ -157,11 +158,23 @@ def _chunk_table(corpus: _Corpus, docs: np.ndarray, seq_len: int
     return corpus.doc_file[doc_of_chunk], corpus.doc_start[doc_of_chunk] + done_pairs, lengths
 
 
-def _read_chunk(index: int, *, paths: list[str], dtype: np.dtype, files: np.ndarray, starts: np.ndarray,
-                lengths: np.ndarray) -> dict[str, np.ndarray]:
+def _read_chunk(
+    index: int,
+    *,
+    paths: list[str],
+    dtype: np.dtype,
+    files: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+) -> dict[str, np.ndarray]:
     # A fresh memmap per read holds no file descriptor between reads: a corpus can have thousands of files.
-    tokens = np.memmap(paths[files[index]], dtype=dtype, mode="r", offset=int(starts[index]) * dtype.itemsize,
-                       shape=(int(lengths[index]),))
+    tokens = np.memmap(
+        paths[files[index]],
+        dtype=dtype,
+        mode="r",
+        offset=int(starts[index]) * dtype.itemsize,
+        shape=(int(lengths[index]),),
+    )
     tokens = tokens.astype(np.int32)
     return {"inputs": tokens[:-1], "targets": tokens[1:]}
 
@@ -170,8 +183,12 @@ def _local_rows(batch: dict[str, np.ndarray], *, batch_size: int, lo: int, hi: i
     """This process's rows [lo, hi) of a global batch, under the training loop's names. Only the last
     batch of a finite pass is short; it is padded with all-padding rows (segment id 0, masked by the loss)
     so that every batch has the same shape and nothing recompiles."""
-    names = {"inputs": "inputs", "targets": "targets", "segment_ids": "inputs_segment_ids",
-             "positions": "inputs_positions"}
+    names = {
+        "inputs": "inputs",
+        "targets": "targets",
+        "segment_ids": "inputs_segment_ids",
+        "positions": "inputs_positions",
+    }
     out = {}
     for name, packed_name in names.items():
         rows = batch[packed_name]
@@ -181,8 +198,16 @@ def _local_rows(batch: dict[str, np.ndarray], *, batch_size: int, lo: int, hi: i
     return out
 
 
-def make_batches(cfg: DataConfig, *, split: str, seq_len: int, batch_size: int, process_index: int = 0,
-                 process_count: int = 1, repeat: bool = True) -> grain.DatasetIterator:
+def make_batches(
+    cfg: DataConfig,
+    *,
+    split: str,
+    seq_len: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool = True,
+) -> grain.DatasetIterator:
     """Iterator over dicts of int32 [batch_size // process_count, seq_len] arrays: inputs, targets,
     segment_ids (1, 2, ... per chunk in a row, 0 for padding) and positions (0.. within each chunk).
 
@@ -208,8 +233,11 @@ def make_batches(cfg: DataConfig, *, split: str, seq_len: int, batch_size: int, 
         chunks = chunks.shuffle(seed=cfg.seed)
     if repeat:
         chunks = chunks.repeat()
-    chunks = chunks.map(functools.partial(_read_chunk, paths=corpus.paths, dtype=corpus.dtype, files=files,
-                                          starts=starts, lengths=lengths))
+    chunks = chunks.map(
+        functools.partial(
+            _read_chunk, paths=corpus.paths, dtype=corpus.dtype, files=files, starts=starts, lengths=lengths
+        )
+    )
     # Reads are small local memmaps: grain's default 16 reader threads and 500-chunk buffer made batches
     # ~5x slower (GIL contention, buffer bookkeeping) than reading in the calling thread.
     rows = grain.experimental.FirstFitPackIterDataset(
@@ -219,6 +247,9 @@ def make_batches(cfg: DataConfig, *, split: str, seq_len: int, batch_size: int, 
         shuffle_bins=False,  # chunks arrive shuffled already
     )
     local = batch_size // process_count
-    batches = rows.batch(batch_size).map(functools.partial(
-        _local_rows, batch_size=batch_size, lo=process_index * local, hi=(process_index + 1) * local))
+    batches = rows.batch(batch_size).map(
+        functools.partial(
+            _local_rows, batch_size=batch_size, lo=process_index * local, hi=(process_index + 1) * local
+        )
+    )
     return iter(batches)

@@ -17,10 +17,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxpar.config import RunConfig, validate_run
-from jaxpar.parallel import pipeline
 from jaxpar.parallel import sequence as sequence_lib
 from jaxpar.parallel.mesh import describe, make_mesh
-from jaxpar.train import data, metrics as metrics_lib, state as state_lib, step as step_lib
+from jaxpar.train import build as build_lib, costs, data, metrics as metrics_lib, step as step_lib
 from jaxpar.train.checkpoint import Checkpointer
 
 
@@ -59,14 +58,17 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def place_batch(batch: dict[str, np.ndarray], mesh, global_batch: int,
-                zigzag: int = 1) -> dict[str, jax.Array]:
+def place_batch(
+    batch: dict[str, np.ndarray], mesh, global_batch: int, zigzag: int = 1
+) -> dict[str, jax.Array]:
     """This process's rows -> one global array per key, sharded over the batch axes. `zigzag` > 1 first
     permutes every row into the sequence-parallel zigzag layout (jaxpar.parallel.sequence)."""
     batch = sequence_lib.zigzag_batch(batch, zigzag)
     sharding = step_lib.batch_sharding(mesh)
     return {
-        key: jax.make_array_from_process_local_data(sharding, batch[key], (global_batch, *batch[key].shape[1:]))
+        key: jax.make_array_from_process_local_data(
+            sharding, batch[key], (global_batch, *batch[key].shape[1:])
+        )
         for key in step_lib.BATCH_KEYS
     }
 
@@ -85,8 +87,12 @@ def make_evaluator(eval_step, run: RunConfig, mesh, zigzag: int):
     (the same batches every time, so eval losses along a run are comparable). The pipeline is built
     once and rewound for each evaluation."""
     batches = data.make_batches(
-        run.data, split="eval", seq_len=run.train.seq_len, batch_size=run.train.global_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        run.data,
+        split="eval",
+        seq_len=run.train.seq_len,
+        batch_size=run.train.global_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     first = batches.get_state()
 
@@ -101,63 +107,56 @@ def make_evaluator(eval_step, run: RunConfig, mesh, zigzag: int):
     return evaluate
 
 
-def _pipelined(run: RunConfig, mesh):
-    if mesh.shape["pipeline"] == 1:
-        return None
-    return pipeline.make_pipelined_loss_and_grads(mesh, run.pipeline)
-
-
-def _router_bias_rate(cfg) -> float:
-    return cfg.moe.bias_update_rate if cfg.moe.experts and cfg.moe.balance == "bias" else 0.0
-
-
 def train(run: RunConfig, workdir: str) -> dict:
     """Trains (or resumes) to `run.train.steps`; returns the last logged metrics."""
     mesh_sizes = validate_run(run, jax.device_count())
-    cfg, tcfg = run.model, run.train
+    tcfg = run.train
     batches = data.make_batches(  # fails here, before anything is traced, if the data is missing
-        run.data, split="train", seq_len=tcfg.seq_len, batch_size=tcfg.global_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        run.data,
+        split="train",
+        seq_len=tcfg.seq_len,
+        batch_size=tcfg.global_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(run.mesh)
-
-    tx = state_lib.make_optimizer(run.optimizer, tcfg.steps)
-    schedule = state_lib.learning_rate_schedule(run.optimizer, tcfg.steps)
-    graphdef, abstract, shardings = state_lib.abstract_state(cfg, tx, mesh)
+    mesh = make_mesh(mesh_sizes)
+    program = build_lib.build(run, mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is None:
         start = 0
-        state = state_lib.init_sharded(cfg, tx, mesh, shardings, tcfg.seed)
+        state = program.init()
     else:
-        state, data_state = checkpointer.restore(start, abstract)
+        state, data_state = checkpointer.restore(start, program.abstract)
         batches.set_state(data_state)
     metrics_lib.save_config(run, workdir, mesh_sizes)
 
     with jax.set_mesh(mesh):
-        train_step = step_lib.jit_train_step(
-            step_lib.make_train_step(graphdef, tx, schedule, tcfg.grad_accum_steps, shardings.params,
-                                     router_bias_rate=_router_bias_rate(cfg),
-                                     loss_and_grads_fn=_pipelined(run, mesh)),
-            mesh, shardings)
-        eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef), mesh, shardings)
         try:
-            return _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer)
+            return _run_steps(
+                run, workdir, mesh, state, start, batches, program.train_step, program.eval_step, checkpointer
+            )
         finally:
             checkpointer.close()  # lets an in-flight async save commit, also when a step failed
 
 
 def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer) -> dict:
     tcfg = run.train
-    zigzag = sequence_lib.run_zigzag_factor(run.model, dict(mesh.shape))
+    zigzag = run.model.zigzag_factor(dict(mesh.shape))
     evaluate = make_evaluator(eval_step, run, mesh, zigzag) if tcfg.eval_every else None
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
     tokens_per_step = tcfg.global_batch * tcfg.seq_len
-    peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
-    flops_per_step = metrics_lib.train_flops_per_token(run.model, tcfg.seq_len) * tokens_per_step
-    bar = tqdm(total=tcfg.steps, initial=start, desc=f"train [{describe(mesh)}]", unit="step",
-               disable=jax.process_index() != 0, mininterval=1.0)
+    peak = costs.peak_flops_per_device(jax.devices()[0].device_kind)
+    flops_per_step = costs.train_flops_per_token(run.model, tcfg.seq_len) * tokens_per_step
+    bar = tqdm(
+        total=tcfg.steps,
+        initial=start,
+        desc=f"train [{describe(mesh)}]",
+        unit="step",
+        disable=jax.process_index() != 0,
+        mininterval=1.0,
+    )
     log = bar.write if jax.process_index() == 0 else (lambda message: None)
     pending = None  # (step, device metrics) of the step before the one just dispatched
     window_start, window_steps = time.perf_counter(), 0
@@ -166,8 +165,10 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
     def finish(step_metrics) -> None:
         nonlocal window_start, window_steps, last
         step, values = step_metrics
-        values = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
-                  for k, v in jax.device_get(values).items()}
+        values = {
+            k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+            for k, v in jax.device_get(values).items()
+        }
         _check_finite(step, values)
         window_steps += 1
         if step % tcfg.log_every and step not in (1, tcfg.steps):
@@ -182,15 +183,18 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}")
         eta = (tcfg.steps - step) / rate
         mfu = "n/a" if values["mfu"] is None else f"{values['mfu']:.1%}"
-        log(f"step {step}/{tcfg.steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} | "
-                  f"lr {values['lr']:.2e} | {values['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | ETA {eta:,.0f}s")
+        log(
+            f"step {step}/{tcfg.steps} | loss {values['loss']:.4f} | grad_norm {values['grad_norm']:.3f} | "
+            f"lr {values['lr']:.2e} | {values['tokens_per_sec']:,.0f} tok/s | mfu {mfu} | ETA {eta:,.0f}s"
+        )
         last = {"step": step, **values}
         window_start, window_steps = time.perf_counter(), 0
 
     with _Preemption() as preemption:
         for step in range(start + 1, tcfg.steps + 1):
-            state, step_metrics = train_step(state, place_batch(next(batches), mesh, tcfg.global_batch,
-                                                                zigzag))
+            state, step_metrics = train_step(
+                state, place_batch(next(batches), mesh, tcfg.global_batch, zigzag)
+            )
             if pending is not None:
                 finish(pending)
             pending = (step, step_metrics)

@@ -1,5 +1,5 @@
 """Run metrics: one JSON object per logged step in metrics.jsonl, TensorBoard events beside it, a loss
-curve PNG at the end; plus the FLOP convention behind MFU."""
+curve PNG at the end. Model-free: the RL loop and launch/collect.py use it too."""
 
 from __future__ import annotations
 
@@ -10,41 +10,7 @@ import os
 import jax
 from tensorboardX import SummaryWriter
 
-from jaxpar.config import ModelConfig, to_dict
-
-# Dense bf16 peak FLOP/s per chip by `device_kind` substring (vendor data sheets). CPU: none, MFU is null.
-PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v4", 275e12),
-)
-
-
-def peak_flops_per_device(device_kind: str) -> float | None:
-    for name, flops in PEAK_FLOPS:
-        if name.lower() in device_kind.lower():
-            return flops
-    return None
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6 * N (forward + backward matmuls) with N the parameters that take part in matmuls (everything but
-    the input embedding lookup and norms; the output projection counts even when tied), plus attention
-    scores and values: 12 * layers * heads * head_dim * seq_len, halved because causal masking skips
-    half of the score matrix. A linear-attention layer sees half a chunk within its chunk, and a
-    head_dim x head_dim state (read and written once per token) instead of the rest of the sequence."""
-    D, L = cfg.d_model, cfg.n_layers
-    matmul_params = L * (D * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * D * cfg.d_ff)
-    matmul_params += D * cfg.vocab_size
-    linear_keys = 0.5 * min(cfg.linear_chunk, seq_len) + cfg.head_dim
-    keys_per_token = (L - cfg.linear_layers) * 0.5 * seq_len + cfg.linear_layers * linear_keys
-    attention = 12 * cfg.n_heads * cfg.head_dim * keys_per_token
-    return 6 * matmul_params + attention
+from jaxpar.config import to_dict
 
 
 def save_config(run, workdir: str, mesh_sizes: dict[str, int]) -> None:

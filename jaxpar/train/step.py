@@ -3,7 +3,7 @@ with; the math here is the single-device math."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +68,14 @@ def loss_and_grads(params, graphdef, batch: Batch, grad_accum_steps: int = 1, gr
     if grad_accum_steps == 1:
         (ce_sum, count, stats), grads = grad_fn(params, batch)
     else:
+
         def accumulate(carry, microbatch):
             return jax.tree.map(jnp.add, carry, grad_fn(params, microbatch)), None
 
         microbatches = split_microbatches(batch, grad_accum_steps)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(
-            lambda x: x[0], microbatches)))
+        zeros = jax.tree.map(
+            jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], microbatches))
+        )
         ((ce_sum, count, stats), grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
         stats = {k: v if k == "tokens_per_expert" else v / grad_accum_steps for k, v in stats.items()}
     count = jnp.maximum(count, 1.0)
@@ -86,7 +88,8 @@ def rebalance_router_bias(params, tokens_per_expert_LE, rate: float):
     lower it for over-loaded ones by a fixed step."""
     step_LE = rate * jnp.sign(jnp.mean(tokens_per_expert_LE, axis=-1, keepdims=True) - tokens_per_expert_LE)
     return jax.tree.map_with_path(
-        lambda path, x: x + step_LE if "router_bias" in jax.tree_util.keystr(path) else x, params)
+        lambda path, x: x + step_LE if "router_bias" in jax.tree_util.keystr(path) else x, params
+    )
 
 
 def moe_metrics(stats) -> dict:
@@ -103,16 +106,23 @@ def moe_metrics(stats) -> dict:
     }
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1, param_shardings=None, router_bias_rate: float = 0.0,
-                    loss_and_grads_fn=None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum_steps: int = 1,
+    param_shardings=None,
+    router_bias_rate: float = 0.0,
+    loss_and_grads_fn=None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`loss_and_grads_fn` replaces `loss_and_grads` with another schedule of the same math (the
-    pipelined one: jaxpar.parallel.pipeline.make_pipelined_loss_and_grads)."""
+    pipelined one: jaxpar.train.pipeline.make_pipelined_loss_and_grads)."""
     loss_and_grads_fn = loss_and_grads_fn or loss_and_grads
 
     def train_step(state: TrainState, batch: Batch):
         loss, grads, tokens, stats = loss_and_grads_fn(
-            state.params, graphdef, batch, grad_accum_steps, param_shardings)
+            state.params, graphdef, batch, grad_accum_steps, param_shardings
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if router_bias_rate:

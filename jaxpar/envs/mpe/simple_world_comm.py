@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpar.envs.mpe.env import MPEEnv
+from jaxpar.envs.mpe.simple_tag import pursuit_agents
 from jaxpar.envs.mpe.world import (
     AgentSpec,
     LandmarkSpec,
@@ -25,7 +26,6 @@ from jaxpar.envs.mpe.world import (
     relative,
     rows,
 )
-from jaxpar.envs.mpe.simple_tag import pursuit_agents
 from jaxpar.envs.registry import register
 
 

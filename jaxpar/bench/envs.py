@@ -17,15 +17,12 @@ from __future__ import annotations
 import datetime
 import importlib
 import importlib.metadata
-import json
 import os
 import pathlib
 import platform
 import statistics
-import subprocess
-import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +30,7 @@ import numpy as np
 
 import jaxpar.envs as E
 from jaxpar import machine as machine_lib
+from jaxpar.bench import common
 from jaxpar.envs.wrappers import VecEnv
 
 JAXMARL_IDS = {
@@ -193,13 +191,12 @@ def throughput(
 
 def scaling_here(env_id: str, num_envs: int, num_steps: int, device_counts, reps: int) -> list[dict]:
     """In this process: env-steps/s of the EnvRuntime rollout on meshes of the first k devices."""
-    from jaxpar.config import MeshConfig
     from jaxpar.envs.runtime import EnvRuntime
     from jaxpar.parallel.mesh import make_mesh
 
     programs, compile_s = {}, {}
     for k in device_counts:
-        runtime = EnvRuntime(E.make(env_id), num_envs, make_mesh(MeshConfig(), devices=jax.devices()[:k]))
+        runtime = EnvRuntime(E.make(env_id), num_envs, make_mesh({"data": k}, devices=jax.devices()[:k]))
         rollout = runtime.rollout_fn(num_steps)
         obs, state = runtime.reset(jax.random.key(0))
         start = time.perf_counter()
@@ -223,17 +220,8 @@ def scaling_here(env_id: str, num_envs: int, num_steps: int, device_counts, reps
 
 def scaling(env_id: str, num_envs: int, num_steps: int, device_counts, reps: int) -> list[dict]:
     """`scaling_here` in a child process that simulates max(device_counts) CPU devices."""
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
-        f"{max(device_counts)}".strip(),
-    )
-    args = json.dumps([env_id, num_envs, num_steps, list(device_counts), reps])
-    out = subprocess.run(
-        [sys.executable, "-m", "jaxpar.envs.bench", args], env=env, check=True, capture_output=True, text=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    args = [env_id, num_envs, num_steps, list(device_counts), reps]
+    return common.run_in_child(__name__, args, max(device_counts))
 
 
 # --- where and with what it ran ---------------------------------------------------------------------------
@@ -261,10 +249,19 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.0f}"
 
 
-def write_report(results: dict, out: pathlib.Path) -> None:
+def write(results: dict, out: pathlib.Path) -> None:
     """results.json, README.md (tables) and throughput.png into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    common.write_results(out, results)
+    write_report(results, out)
+
+
+def write_report(results: dict, out: pathlib.Path) -> None:
+    """README.md and throughput.png."""
+    common.write_readme(out, readme(results))
+    plot(results, out / "throughput.png")
+
+
+def readme(results: dict) -> str:
     m = results["machine"]
     v = m["versions"]
     rows = results["throughput"]
@@ -279,7 +276,7 @@ def write_report(results: dict, out: pathlib.Path) -> None:
         f"Python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, numpy {v['numpy']}, "
         f"mpe2 {v['mpe2']}, pettingzoo {v['pettingzoo']}, JaxMARL {v['jaxmarl'] or 'not installed'}.",
         "",
-        "Produced by `python experiments/bench_envs.py` (see `jaxpar/envs/bench.py`). env-steps/s = envs x "
+        "Produced by `python experiments/bench_envs.py` (see `jaxpar/bench/envs.py`). env-steps/s = envs x "
         "scan steps / seconds; agent-steps/s = env-steps/s x agents. Each JAX cell is one jitted `scan` of a "
         "vmapped step with autoreset and random actions drawn inside the scan by the same sampler for both "
         f"libraries; median of {rows[0]['reps']} repetitions, interleaved between libraries, compile time "
@@ -336,19 +333,14 @@ def write_report(results: dict, out: pathlib.Path) -> None:
                 f"{r['compile_s']:.1f} |"
             )
     lines += ["", "![throughput](throughput.png)", ""]
-    (out / "README.md").write_text("\n".join(lines))
-    plot(results, out / "throughput.png")
+    return "\n".join(lines)
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, scale = results["throughput"], results.get("scaling") or []
     envs = list(dict.fromkeys(r["env"] for r in rows))
-    fig, axes = plt.subplots(1, len(envs) + bool(scale), figsize=(4.2 * (len(envs) + bool(scale)), 3.8))
+    panels = len(envs) + bool(scale)
+    fig, axes = common.pyplot().subplots(1, panels, figsize=(4.2 * panels, 3.8))
     series = [
         ("jaxpar", "jaxpar"),
         ("jaxpar_reset_every_step", "jaxpar, reset every step"),
@@ -383,10 +375,40 @@ def plot(results: dict, path: pathlib.Path) -> None:
         "ratios vs JaxMARL / mpe2 measured in the same run",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
-if __name__ == "__main__":  # the scaling child: args as JSON, result as the last stdout line
-    print(json.dumps(scaling_here(*json.loads(sys.argv[1]))))
+def run(
+    out: str,
+    env_ids: list[str],
+    batch_sizes: list[int],
+    scan_steps: list[int],
+    reps: int,
+    mpe2_steps: int,
+    with_jaxmarl: bool,
+    scaling_devices: list[int],
+    scaling_num_envs: int,
+    scaling_steps: int,
+) -> None:
+    """Throughput of `env_ids` at each of `batch_sizes` (a scan of the `scan_steps` at the same position),
+    then, unless `scaling_devices` is empty, scaling of the first env over those device counts;
+    results.json, README.md and throughput.png into `out`."""
+    steps = dict(zip(batch_sizes, scan_steps))
+    results = {"machine": machine()}
+    results["throughput"] = throughput(
+        env_ids, list(steps), steps.__getitem__, reps, mpe2_steps, with_jaxmarl
+    )
+    if scaling_devices:
+        results["scaling"] = scaling(env_ids[0], scaling_num_envs, scaling_steps, scaling_devices, reps)
+    results["load_average_at_end"] = os.getloadavg()
+    write(results, pathlib.Path(out))
+    print(f"wrote {out}/README.md")
+
+
+def render(out: str) -> None:
+    """README.md and throughput.png again from `out`/results.json; nothing measured."""
+    write_report(common.read_results(out), pathlib.Path(out))
+
+
+if __name__ == "__main__":  # the scaling child: run_in_child's arguments in, results out
+    common.child_main(scaling_here)

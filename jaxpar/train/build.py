@@ -1,0 +1,121 @@
+"""One builder for the LM training program. The training loop, the compile-ahead analysis, the tests and
+the benchmarks all run the program `build` returns, so what is measured is what trains.
+
+The state is created directly in sharded form: abstract shapes from `jax.eval_shape`, shardings from the
+logical rules, then one jitted init that writes every array straight into its shards (no device ever
+holds the whole model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxpar.config import ModelConfig, RunConfig
+from jaxpar.models.llama import Transformer
+from jaxpar.parallel import rules
+from jaxpar.train import optimizer as optimizer_lib, step as step_lib
+from jaxpar.train.pipeline import make_pipelined_loss_and_grads
+from jaxpar.train.state import TrainState, state_shardings, with_shardings
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def _init_fn(model_cfg: ModelConfig, tx: optax.GradientTransformation):
+    def init(key):
+        with nnx.use_eager_sharding(False):
+            model = Transformer(model_cfg, rngs=nnx.Rngs(key))
+        params = nnx.state(model)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
+def abstract_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh):
+    """(graphdef, abstract state with shardings attached, shardings), all from `jax.eval_shape`: used to
+    create the state, restore checkpoints onto any mesh, and compile ahead of time."""
+    graphdef, abstract_params = abstract_model(model_cfg)
+    param_shardings = rules.tree_shardings(mesh, abstract_params, rules.param_specs(abstract_params))
+    rules.check_sharded(mesh, abstract_params, param_shardings)
+    shapes = jax.eval_shape(_init_fn(model_cfg, tx), jax.random.key(0))
+    shardings = state_shardings(mesh, shapes, param_shardings)
+    return graphdef, with_shardings(shapes, shardings), shardings
+
+
+def init_sharded(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, shardings, seed: int):
+    """The initial TrainState, created by one jitted init directly into `shardings`."""
+    with jax.set_mesh(mesh):
+        return jax.jit(_init_fn(model_cfg, tx), out_shardings=shardings)(jax.random.key(seed))
+
+
+def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int):
+    """(graphdef, state, shardings)."""
+    graphdef, _, shardings = abstract_state(model_cfg, tx, mesh)
+    return graphdef, init_sharded(model_cfg, tx, mesh, shardings, seed), shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """A run's jitted steps on its mesh, and the state they take."""
+
+    run: RunConfig
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    abstract: TrainState  # ShapeDtypeStructs carrying their shardings
+    shardings: TrainState
+    train_step: Callable  # (state, batch) -> (state, metrics), jitted, donates the state
+    eval_step: Callable  # (params, batch) -> (summed cross-entropy, token count), jitted
+
+    def init(self) -> TrainState:
+        return init_sharded(self.run.model, self.tx, self.mesh, self.shardings, self.run.train.seed)
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (self.run.train.global_batch, self.run.train.seq_len)
+        sharding = step_lib.batch_sharding(self.mesh)
+        return {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for key in step_lib.BATCH_KEYS}
+
+    def compile(self):
+        """The compiled train step, from abstract inputs only: nothing is allocated, so any model size
+        compiles for any mesh of this process."""
+        with jax.set_mesh(self.mesh):
+            return self.train_step.lower(self.abstract, self.abstract_batch()).compile()
+
+
+def build(run: RunConfig, mesh: Mesh) -> TrainProgram:
+    """The train and eval steps of `run` on `mesh`: the optimizer and its schedule, the pipelined loss when
+    the mesh has pipeline stages, the MoE router's bias balancing when configured."""
+    cfg, steps = run.model, run.train.steps
+    tx = optimizer_lib.make_optimizer(run.optimizer, steps)
+    graphdef, abstract, shardings = abstract_state(cfg, tx, mesh)
+    pipelined = mesh.shape["pipeline"] > 1
+    bias_rate = cfg.moe.bias_update_rate if cfg.moe.experts and cfg.moe.balance == "bias" else 0.0
+    train_step = step_lib.make_train_step(
+        graphdef,
+        tx,
+        optimizer_lib.learning_rate_schedule(run.optimizer, steps),
+        run.train.grad_accum_steps,
+        shardings.params,
+        router_bias_rate=bias_rate,
+        loss_and_grads_fn=make_pipelined_loss_and_grads(mesh, run.pipeline) if pipelined else None,
+    )
+    return TrainProgram(
+        run=run,
+        mesh=mesh,
+        graphdef=graphdef,
+        tx=tx,
+        abstract=abstract,
+        shardings=shardings,
+        train_step=step_lib.jit_train_step(train_step, mesh, shardings),
+        eval_step=step_lib.jit_eval_step(step_lib.make_eval_step(graphdef), mesh, shardings),
+    )
