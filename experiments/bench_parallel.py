@@ -1,5 +1,6 @@
 """Collective bytes, memory and FLOPs of the train step under each parallel strategy, read off the
-compiled program and checked against the analytic model in jaxpar/parallel/analysis.py.
+compiled program (jaxpar/parallel/analysis.py) and checked against the analytic model in
+jaxpar/train/costs.py.
 
   python experiments/bench_parallel.py --config=configs/lm.py:smoke --out=benchmarks/parallel
   python experiments/bench_parallel.py --render_only --out=benchmarks/parallel

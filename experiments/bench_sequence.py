@@ -5,7 +5,7 @@
 
 Part 1, bytes: collective bytes per layer per step (forward + backward) of each variant's attention
   (ring, ulysses, usp, allgather) and of LASP-2 linear attention, read off the compiled program with
-  jaxpar/parallel/analysis.py, next to the analytic expectation (jaxpar.parallel.sequence.expected_terms),
+  jaxpar/parallel/analysis.py, next to the analytic expectation (jaxpar.train.costs.sequence_terms),
   for sequence = 2, 4, 8. Then the same collectives counted inside the real train step of the Llama model
   (per layer), to show the model runs exactly these.
 Part 2, memory: per-device memory of the compiled train step vs sequence length for sequence = 1, 2, 4, 8

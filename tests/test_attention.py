@@ -453,13 +453,12 @@ def test_kernel_inside_a_user_shard_map():
 def test_model_trains_the_same_with_pallas_attention():
     """Three train steps of the tiny model on a data=2, fsdp=2, tensor=2 mesh: the Pallas kernel (forward
     and backward, inside scan and shard_map) gives the losses of the xla implementation."""
-    from jaxpar.parallel.mesh import make_mesh
     from jaxpar.train import build as build_lib, optimizer as optimizer_lib, step as step_lib
-    from lm_testing import MESHES, OPT, TINY, packed_batch
+    from lm_testing import MESHES, OPT, TINY, config_mesh, packed_batch
 
     def losses(impl, steps=3):
         cfg = dataclasses.replace(TINY, attention_impl=impl)
-        mesh = make_mesh(MESHES["dp2_fsdp2_tp2"])
+        mesh = config_mesh(MESHES["dp2_fsdp2_tp2"])
         tx = optimizer_lib.make_optimizer(OPT, steps)
         graphdef, state, shardings = build_lib.init_state(cfg, tx, mesh, seed=0)
         out = []

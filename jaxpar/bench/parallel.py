@@ -1,6 +1,6 @@
 """Collective bytes, memory and FLOPs of the train step under each parallel strategy, read off the
-compiled program and checked against the analytic model in jaxpar/parallel/analysis.py (the work behind
-experiments/bench_parallel.py).
+compiled program (jaxpar/parallel/analysis.py) and checked against the analytic model in
+jaxpar/train/costs.py (the work behind experiments/bench_parallel.py).
 
 Part 1 compiles a model on 8 simulated CPU devices for DP, FSDP, TP and two combinations. Part 2 compiles
 real-size presets for a larger mesh (64) in a child process that simulates that many CPU devices (the
