@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpar.config import ConfigError, from_config_dict
+from jaxpar.launch import cli
 from jaxpar.launch.distributed import maybe_initialize
 from jaxpar.train.checkpoint import CheckpointError
 from jaxpar.train.loop import NonFiniteError, train
@@ -33,4 +34,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.check_config_flags()  # a misspelled --config.KEY: one line, before absl's flag parser
     app.run(main)

@@ -2,16 +2,24 @@
 
 Every check of a configuration lives here, so that a bad value fails with one clear message before
 anything is traced or compiled. `from_config_dict` is the boundary: it rejects unknown keys and wrong
-types, then each dataclass validates itself in `__post_init__`; checks that need the device count
-(the mesh) or several sections together run in `validate_run`.
+types, then each dataclass validates itself in `__post_init__`: every int and float field against its
+class's `RANGES` table (`check_ranges`; a test fails on a field without an entry), then the checks across
+its fields. Checks that need the device count (the mesh) or several sections together run in
+`validate_run`. `check_overrides` meets a misspelled `--config.KEY` on a command line before absl's flag
+parser does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import importlib.util
 import math
+import numbers
+import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -42,6 +50,89 @@ def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Bound:
+    """The values one numeric config field may take: a finite number (an int for an int field) in
+    [low, high], an end excluded when `low_open` / `high_open` and unbounded when None; or exactly
+    `special`, a sentinel outside that range (-1: "all remaining"). `means` says what the field (or its
+    0 / its sentinel) means, for the error message.
+
+    Every config dataclass holds a `RANGES` table, field name -> Bound, covering each of its int and
+    float fields (tests/test_config_ranges.py walks them all), applied by `check_ranges`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    special: int | None = None
+    means: str = ""
+
+    def admits(self, value: float) -> bool:
+        if self.special is not None and value == self.special:
+            return True
+        if not math.isfinite(value):  # NaN and inf, whatever the bounds
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, integer: bool) -> str:
+        """'a positive int or -1', 'a finite number in [0, 1)', 'a finite number > 0', ..."""
+        if integer and self.low == 1 and not self.low_open and self.high is None:
+            text = "a positive int"
+        else:
+            text = "an int" if integer else "a finite number"
+            if self.low is not None and self.high is not None:
+                opening, closing = "(["[not self.low_open], ")]"[not self.high_open]
+                text += f" in {opening}{self.low}, {self.high}{closing}"
+            elif self.low is not None:
+                text += f" {'>' if self.low_open else '>='} {self.low}"
+            elif self.high is not None:
+                text += f" {'<' if self.high_open else '<='} {self.high}"
+        if self.special is not None:
+            text += f" or {self.special}"
+        return text + (f" ({self.means})" if self.means else "")
+
+
+# The common bounds, for the RANGES tables.
+COUNT = Bound(low=1)  # a positive int
+OPTIONAL_COUNT = Bound(low=0)  # an int >= 0
+POSITIVE = Bound(low=0, low_open=True)  # a finite number > 0
+NON_NEGATIVE = Bound(low=0)  # a finite number >= 0
+SEED = Bound(low=0, high=2**32, high_open=True)
+
+
+@functools.cache
+def _numeric_fields(cls: type) -> dict[str, tuple[type, Any]]:
+    """name -> (int or float, default) of a config dataclass's numeric fields (bools excluded)."""
+    hints = typing.get_type_hints(cls)
+    return {
+        field.name: (hints[field.name], field.default)
+        for field in dataclasses.fields(cls)
+        if hints[field.name] in (int, float)
+    }
+
+
+def check_ranges(config, section: str) -> None:
+    """Every int and float field of a config dataclass against its class's RANGES table: wrong types,
+    NaN, inf and out-of-range values are ConfigErrors naming `section.field`, the range and the default.
+    Called first in each `__post_init__`; checks across fields follow it there (or in `validate_run`)."""
+    ranges = getattr(type(config), "RANGES", {})
+    for name, (kind, default) in _numeric_fields(type(config)).items():
+        value, label = getattr(config, name), f"{section}.{name}"
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        require(
+            number and (kind is float or isinstance(value, numbers.Integral)),
+            f"{label}={value!r} has type {type(value).__name__}; expected {kind.__name__}.",
+        )
+        bound = ranges.get(name)
+        if bound is not None:  # a field without one fails tests/test_config_ranges.py
+            require(
+                bound.admits(value),
+                f"{label}={value} must be {bound.describe(kind is int)}; the default is {default}.",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """Mixture-of-experts MLPs. `experts=0` keeps every MLP dense."""
 
@@ -56,21 +147,26 @@ class MoEConfig:
     z_loss_coef: float = 1e-3
     bias_update_rate: float = 1e-3
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {
+        "experts": Bound(low=0, means="0 = dense MLPs"),
+        "top_k": Bound(low=1, means="experts per token, at most model.moe.experts"),
+        "d_ff": COUNT,
+        "shared_experts": OPTIONAL_COUNT,
+        "capacity_factor": Bound(low=0, means="0 = dropless"),
+        "aux_loss_coef": NON_NEGATIVE,
+        "z_loss_coef": NON_NEGATIVE,
+        "bias_update_rate": NON_NEGATIVE,
+    }
+
     def __post_init__(self):
-        require(self.experts >= 0, f"model.moe.experts={self.experts} must be >= 0 (0 = dense MLPs).")
+        check_ranges(self, "model.moe")
         if self.experts:
             require(
                 1 <= self.top_k <= self.experts,
                 f"model.moe.top_k={self.top_k} must be between 1 and model.moe.experts={self.experts}.",
             )
-        require(self.d_ff > 0, f"model.moe.d_ff={self.d_ff} must be positive.")
-        require(self.shared_experts >= 0, f"model.moe.shared_experts={self.shared_experts} must be >= 0.")
         one_of("model.moe.router", self.router, ("softmax", "sigmoid"))
         one_of("model.moe.balance", self.balance, ("aux_loss", "bias"))
-        require(
-            self.capacity_factor >= 0,
-            f"model.moe.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless).",
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +195,25 @@ class ModelConfig:
     linear_chunk: int = 64  # linear attention chunk length
     moe: MoEConfig = MoEConfig()
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {
+        "vocab_size": COUNT,
+        "d_model": COUNT,
+        "n_layers": COUNT,
+        "n_heads": COUNT,
+        "n_kv_heads": COUNT,
+        "head_dim": COUNT,
+        "d_ff": COUNT,
+        "max_seq_len": COUNT,
+        "rope_theta": Bound(low=1, low_open=True, means="the base of the rotary frequencies"),
+        "norm_eps": Bound(low=0, low_open=True, means="added to the RMS before dividing by it"),
+        "init_std": POSITIVE,
+        "ulysses_degree": Bound(low=0, means="0 = the largest that fits"),
+        "softmax_every": COUNT,
+        "linear_chunk": COUNT,
+    }
+
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
-            require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive.")
+        check_ranges(self, "model")
         require(
             self.n_heads % self.n_kv_heads == 0,
             f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
@@ -114,10 +226,6 @@ class ModelConfig:
         one_of("model.sequence_parallel", self.sequence_parallel, sequence_lib.VARIANTS)
         one_of("model.mixer", self.mixer, MIXERS)
         one_of("model.linear_gate", self.linear_gate, LINEAR_GATES)
-        require(
-            self.ulysses_degree >= 0, f"model.ulysses_degree={self.ulysses_degree} must be >= 0 (0 = auto)."
-        )
-        require(self.linear_chunk >= 1, f"model.linear_chunk={self.linear_chunk} must be positive.")
         if self.mixer == "hybrid":
             require(
                 self.softmax_every >= 2 and self.n_layers % self.softmax_every == 0,
@@ -178,12 +286,13 @@ class MeshConfig:
     sequence: int = 1
     tensor: int = 1
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {
+        name: Bound(low=1, special=-1, means="-1: all the devices the other axes leave") for name in MESH_AXES
+    }
+
     def __post_init__(self):
+        check_ranges(self, "mesh")
         sizes = self.as_dict()
-        for name, size in sizes.items():
-            require(
-                size == -1 or size >= 1, f"mesh.{name}={size} must be a positive int or -1 (all remaining)."
-            )
         require(
             sum(size == -1 for size in sizes.values()) <= 1,
             f"mesh={sizes} has more than one axis set to -1; at most one axis can take the remaining "
@@ -227,11 +336,15 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {
+        "eval_fraction": Bound(low=0, high=1, low_open=True, high_open=True, means="the held-out share"),
+        "seed": SEED,
+    }
+
     def __post_init__(self):
+        check_ranges(self, "data")
         one_of("data.source", self.source, ("stdlib", "text", "tokens"))
         one_of("data.token_dtype", self.token_dtype, ("uint16", "uint32"))
-        require(0 <= self.seed < 2**32, f"data.seed={self.seed} must be in [0, 2**32).")
-        require(0.0 < self.eval_fraction < 1.0, f"data.eval_fraction={self.eval_fraction} must be in (0, 1).")
         require(
             self.source == "stdlib" or self.path,
             f"data.source={self.source!r} needs data.path (a glob of files), e.g. "
@@ -250,10 +363,33 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     grad_clip_norm: float = 1.0
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {
+        "learning_rate": Bound(low=0, low_open=True, means="the peak of the warmup-cosine schedule"),
+        "min_lr_ratio": Bound(low=0, high=1, means="the final learning rate over the peak"),
+        "warmup_steps": Bound(low=0, means="steps of the linear ramp from 0 to the peak"),
+        "b1": Bound(low=0, high=1, high_open=True, means="Adam's first-moment decay"),
+        "b2": Bound(low=0, high=1, high_open=True, means="Adam's second-moment decay"),
+        "eps": Bound(low=0, low_open=True, means="added to Adam's denominator"),
+        "weight_decay": Bound(low=0, means="decoupled, 0 = none; a negative one grows the weights"),
+        "grad_clip_norm": Bound(
+            low=0, low_open=True, means="the global gradient norm clipped to; 0 would zero every gradient"
+        ),
+    }
+
     def __post_init__(self):
-        require(self.learning_rate > 0, f"optimizer.learning_rate={self.learning_rate} must be positive.")
-        require(0 <= self.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
-        require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
+        check_ranges(self, "optimizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """What to do when the newest checkpoint fails its checksums on restore: "stop" (name the corrupt step
+    and exit; nothing is deleted) or "fallback" (resume from the newest intact step instead; the corrupt
+    one stays on disk)."""
+
+    on_corrupt: str = "stop"
+
+    def __post_init__(self):
+        one_of("checkpoint.on_corrupt", self.on_corrupt, ("stop", "fallback"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,19 +405,21 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {
+        "steps": COUNT,
+        "global_batch": COUNT,
+        "seq_len": COUNT,
+        "grad_accum_steps": COUNT,
+        "seed": SEED,
+        "log_every": COUNT,
+        "eval_every": Bound(low=0, means="0 = never"),
+        "eval_batches": COUNT,
+        "checkpoint_every": Bound(low=0, means="0 = only at the end"),
+        "keep_checkpoints": COUNT,
+    }
+
     def __post_init__(self):
-        for name in (
-            "steps",
-            "global_batch",
-            "seq_len",
-            "grad_accum_steps",
-            "log_every",
-            "eval_batches",
-            "keep_checkpoints",
-        ):
-            require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1.")
-        for name in ("eval_every", "checkpoint_every"):
-            require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0 (0 = never).")
+        check_ranges(self, "train")
         require(
             self.global_batch % self.grad_accum_steps == 0,
             f"train.global_batch={self.global_batch} is not divisible by train.grad_accum_steps="
@@ -304,10 +442,11 @@ class PipelineConfig:
     virtual_stages: int = 1
     split_backward: bool = False
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {"microbatches": COUNT, "virtual_stages": COUNT}
+
     def __post_init__(self):
         one_of("pipeline.schedule", self.schedule, SCHEDULES)
-        require(self.microbatches >= 1, f"pipeline.microbatches={self.microbatches} must be >= 1.")
-        require(self.virtual_stages >= 1, f"pipeline.virtual_stages={self.virtual_stages} must be >= 1.")
+        check_ranges(self, "pipeline")
         require(
             self.virtual_stages == 1 or self.schedule in ("gpipe", "interleaved_1f1b"),
             f"pipeline.virtual_stages={self.virtual_stages} needs pipeline.schedule="
@@ -394,6 +533,24 @@ class RunConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+def unknown_keys_message(section: str, unknown: Iterable[str], known: Iterable[str]) -> str:
+    """The one message for misspelled config keys (of `section`; "" for the top level's sections), with
+    a did-you-mean for each that is close to a known one."""
+    unknown, known = sorted(unknown), sorted(known)
+    prefix = f"{section}." if section else ""
+    if section:
+        message = f"unknown config key(s) {[prefix + k for k in unknown]}; known keys of {section}: {known}."
+    else:
+        message = f"unknown config section(s) {unknown}; known sections: {known}."
+    guesses = [
+        prefix + close[0] + (f" for {prefix}{key}" if len(unknown) > 1 else "")
+        for key in unknown
+        if (close := difflib.get_close_matches(key, known, n=1))
+    ]
+    return message + (f" Did you mean {', '.join(guesses)}?" if guesses else "")
 
 
 def build_section(cls: type, section: str, values: dict[str, Any]):
@@ -401,12 +558,8 @@ def build_section(cls: type, section: str, values: dict[str, Any]):
     naming `section.key`; nested dataclass fields are built from nested dicts."""
     hints = typing.get_type_hints(cls)
     known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    require(
-        not unknown,
-        f"unknown config key(s) {[f'{section}.{k}' for k in unknown]}; "
-        f"known keys of {section}: {sorted(known)}.",
-    )
+    unknown = set(values) - known
+    require(not unknown, unknown_keys_message(section, unknown, known))
     kwargs = {}
     for key, value in values.items():
         expected = hints[key]
@@ -429,8 +582,8 @@ def build_run(cls: type, config: ml_collections.ConfigDict | dict):
     sections, unknown keys and wrong types are ConfigErrors; missing sections take their defaults."""
     raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     sections = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(sections))
-    require(not unknown, f"unknown config section(s) {unknown}; known sections: {sorted(sections)}.")
+    unknown = set(raw) - set(sections)
+    require(not unknown, unknown_keys_message("", unknown, sections))
     return cls(
         **{name: build_section(section, name, dict(raw.get(name, {}))) for name, section in sections.items()}
     )
@@ -439,6 +592,68 @@ def build_run(cls: type, config: ml_collections.ConfigDict | dict):
 def from_config_dict(config: ml_collections.ConfigDict | dict) -> RunConfig:
     """The one boundary from a (user-edited) ConfigDict to typed, validated configs."""
     return build_run(RunConfig, config)
+
+
+def check_override_keys(config: ml_collections.ConfigDict | Mapping, keys: Iterable[str]) -> None:
+    """Each dotted key (an override's `a.b.c`) must name an entry of `config`: the first that does not
+    is a ConfigError with `build_section`'s message and a did-you-mean, as from_config_dict would say."""
+    tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+    for key in keys:
+        node, parts = tree, key.split(".")
+        for depth, part in enumerate(parts):
+            section = ".".join(parts[:depth])
+            require(
+                isinstance(node, Mapping),
+                f"{section}={node!r} is a value, not a section: --config.{key} cannot set it; write "
+                f"--config.{section}=VALUE.",
+            )
+            require(part in node, unknown_keys_message(section, [part], node))
+            node = node[part]
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value absl would give `--flag` in argv (`--flag=V` or `--flag V`, the last one wins)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        name, sep, rest = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == flag:
+            value = rest if sep else (argv[i + 1] if i + 1 < len(argv) else None)
+    return value
+
+
+def check_overrides(argv: Sequence[str], flag: str = "config", default: str | None = None) -> None:
+    """Checks the key of every `--config.a.b=VALUE` in argv against the config file `--config=FILE:ARG`
+    (loaded as ml_collections.config_flags loads it: FILE's get_config(ARG)); call it before absl parses
+    the flags, which meets a misspelled key with a long traceback. A misspelled key, an unloadable file or
+    preset is a one-line ConfigError; values are left to the flag parser and from_config_dict."""
+    from absl import flags  # config_flags reads flag files the same way
+
+    argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+    keys = []
+    for arg in argv:
+        if arg == "--":
+            break
+        name = arg.lstrip("-").partition("=")[0]
+        for prefix in (f"{flag}.", f"no{flag}."):  # --noconfig.model.tie_embeddings sets a bool
+            if arg.startswith("-") and name.startswith(prefix):
+                keys.append(name[len(prefix) :])
+    spec = _flag_value(argv, flag) or default
+    if not spec:
+        return  # absl reports a missing required flag
+    path, sep, arg = spec.partition(":")
+    require(
+        os.path.isfile(path), f"--{flag}={spec}: no such file {path!r}; e.g. --{flag}=configs/lm.py:smoke."
+    )
+    module_spec = importlib.util.spec_from_file_location(f"{flag}_overrides_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # a broken config file keeps its traceback
+    try:
+        config = module.get_config(arg) if sep else module.get_config()
+    except (ValueError, KeyError) as error:  # an unknown preset
+        raise ConfigError(f"--{flag}={spec}: {error}") from None
+    check_override_keys(config, keys)
 
 
 def config_dict(run) -> ml_collections.ConfigDict:
@@ -537,6 +752,14 @@ def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
         f"model.d_model={model.d_model} is not divisible by mesh.fsdp={sizes['fsdp']}; FSDP shards the "
         "embedding dimension of every weight.",
     )
+    warmup = run.optimizer.warmup_steps
+    if warmup > 10 * (train.steps - 1):  # step s trains with the schedule at s - 1: step 1 with lr 0
+        raise ConfigError(
+            f"optimizer.warmup_steps={warmup} with train.steps={train.steps}: the learning rate ramps up "
+            f"from 0 over {warmup} steps, so this run would never train with more than "
+            f"{(train.steps - 1) / warmup:.0%} of optimizer.learning_rate={run.optimizer.learning_rate}; "
+            f"lower optimizer.warmup_steps (e.g. to {train.steps // 10}) or raise train.steps."
+        )
     if run.data.source in ("stdlib", "text"):
         require(
             model.vocab_size >= 256,

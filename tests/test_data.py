@@ -210,3 +210,41 @@ def test_single_document_cannot_be_split(tmp_path):
     (tmp_path / "only.txt").write_bytes(b"just one document")
     with pytest.raises(ConfigError, match="at least 2"):
         data.check_data(DataConfig(source="text", path=str(tmp_path / "*.txt")))
+
+
+def _tokens_cfg(tmp_path, token_dtype):
+    return DataConfig(source="tokens", path=str(tmp_path / "*.bin"), token_dtype=token_dtype)
+
+
+def test_token_ids_past_the_vocabulary_are_a_config_error(tmp_path):
+    rng = np.random.default_rng(2)
+    rng.integers(0, 1000, size=5000, dtype=np.uint16).tofile(tmp_path / "a.bin")
+    tokens = rng.integers(0, 1000, size=3 * data.TOKEN_DOC_LEN, dtype=np.uint16)
+    tokens[data.TOKEN_DOC_LEN + 17] = 1234  # one id past the vocabulary, far into the file
+    tokens.tofile(tmp_path / "b.bin")
+    cfg = _tokens_cfg(tmp_path, "uint16")
+    data.check_token_ids(cfg, vocab_size=1235)  # every id < vocab_size: fine
+    with pytest.raises(ConfigError, match=r"b\.bin.*1234.*vocab_size=1234.*token_dtype"):
+        data.check_token_ids(cfg, vocab_size=1234)
+    # A scan in small chunks sees the same id, with memory bounded by the chunk.
+    with pytest.raises(ConfigError, match=r"b\.bin.*1234"):
+        data.check_token_ids(cfg, vocab_size=1000, chunk_tokens=4096)
+
+
+def test_tokens_read_with_the_wrong_dtype_are_a_config_error(tmp_path):
+    ids = np.random.default_rng(3).integers(0, 32000, size=3 * data.TOKEN_DOC_LEN)  # >= 2 docs either way
+    ids.astype(np.uint16).tofile(tmp_path / "written_as_uint16.bin")
+    # uint16 ids read as uint32 pair up into ids far past the vocabulary.
+    with pytest.raises(ConfigError, match=r"written_as_uint16\.bin.*token_dtype='uint32'.*uint16"):
+        data.check_token_ids(_tokens_cfg(tmp_path, "uint32"), vocab_size=32000)
+    (tmp_path / "written_as_uint16.bin").unlink()
+    ids.astype(np.uint32).tofile(tmp_path / "written_as_uint32.bin")
+    # uint32 ids read as uint16 stay below the vocabulary, but every other one is a zero high half.
+    with pytest.raises(ConfigError, match=r"written_as_uint32\.bin.*token_dtype='uint16'.*uint32"):
+        data.check_token_ids(_tokens_cfg(tmp_path, "uint16"), vocab_size=32000)
+    data.check_token_ids(_tokens_cfg(tmp_path, "uint32"), vocab_size=32000)
+
+
+def test_byte_sources_need_no_token_scan(text_docs):
+    pattern, _ = text_docs
+    data.check_token_ids(_text_cfg(pattern), vocab_size=256)

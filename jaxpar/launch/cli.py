@@ -15,6 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from jaxpar.config import ConfigError, check_overrides
 from jaxpar.launch import local, slurm, tpu_vm
 from jaxpar.launch.job import Job, LaunchError, apply_overrides, default_entry, now, split_config_arg
 from jaxpar.launch.sweep import load_sweep, point_names, write_manifest
@@ -283,8 +284,20 @@ def sweep_main(argv) -> int:
     return code
 
 
+def check_config_flags(argv=None, default: str | None = None) -> None:
+    """For every entry point taking `--config`, before `app.run`: a misspelled `--config.KEY` (or an unknown
+    preset) exits with one line, as other config errors do, instead of the flag parser's traceback."""
+    try:
+        check_overrides(sys.argv if argv is None else argv, default=default)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+
+
 def run(main):
-    """absl main wrapper: a launcher error prints one line and exits 1."""
+    """absl main wrapper for scripts/submit.py and sweep.py, called before `app.run` parses the flags:
+    checks the --config overrides first (check_config_flags); a launcher error prints one line and
+    exits 1."""
+    check_config_flags()
 
     def wrapped(argv):
         try:

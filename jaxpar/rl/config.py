@@ -9,10 +9,23 @@ that need the device count or the environment (batch shards, minibatch sizes, ac
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Mapping
 
 import ml_collections
 
-from jaxpar.config import MeshConfig, batch_split, build_run, one_of, require
+from jaxpar.config import (
+    COUNT,
+    NON_NEGATIVE,
+    Bound,
+    CheckpointConfig,
+    MeshConfig,
+    batch_split,
+    build_run,
+    check_ranges,
+    one_of,
+    require,
+)
 
 ALGORITHMS = ("ippo", "mappo")
 NETWORKS = ("ff", "rnn")
@@ -27,8 +40,10 @@ class EnvConfig:
     kwargs: dict = dataclasses.field(default_factory=dict)
     num_envs: int = 16
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {"num_envs": COUNT}
+
     def __post_init__(self):
-        require(self.num_envs >= 1, f"env.num_envs={self.num_envs} must be >= 1.")
+        check_ranges(self, "env")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,19 +69,24 @@ class AlgoConfig:
     # False: truncation is treated like termination (JaxMARL's behaviour), for like-for-like comparisons.
     bootstrap_truncated: bool = True
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {
+        "num_steps": COUNT,
+        "update_epochs": COUNT,
+        "num_minibatches": COUNT,
+        "gamma": Bound(low=0, high=1, means="the discount"),
+        "gae_lambda": Bound(low=0, high=1, means="GAE's bias-variance trade-off"),
+        "clip_eps": Bound(low=0, low_open=True, means="PPO's ratio clip"),
+        "ent_coef": NON_NEGATIVE,
+        "vf_coef": NON_NEGATIVE,
+        "max_grad_norm": Bound(
+            low=0, low_open=True, means="the global gradient norm clipped to; 0 would zero every gradient"
+        ),
+        "lr": Bound(low=0, low_open=True, means="Adam's learning rate"),
+    }
+
     def __post_init__(self):
         one_of("algo.name", self.name, ALGORITHMS)
-        for name in ("num_steps", "update_epochs", "num_minibatches"):
-            require(getattr(self, name) >= 1, f"algo.{name}={getattr(self, name)} must be >= 1.")
-        for name in ("gamma", "gae_lambda"):
-            require(
-                0.0 <= getattr(self, name) <= 1.0, f"algo.{name}={getattr(self, name)} must be in [0, 1]."
-            )
-        require(self.clip_eps > 0, f"algo.clip_eps={self.clip_eps} must be positive.")
-        require(self.lr > 0, f"algo.lr={self.lr} must be positive.")
-        require(self.max_grad_norm > 0, f"algo.max_grad_norm={self.max_grad_norm} must be positive.")
-        for name in ("ent_coef", "vf_coef"):
-            require(getattr(self, name) >= 0, f"algo.{name}={getattr(self, name)} must be >= 0.")
+        check_ranges(self, "algo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +101,12 @@ class NetworkConfig:
     activation: str = "tanh"
     agent_id: bool = False
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {"hidden": COUNT, "layers": COUNT}
+
     def __post_init__(self):
         one_of("network.kind", self.kind, NETWORKS)
         one_of("network.activation", self.activation, ACTIVATIONS)
-        require(self.hidden >= 1, f"network.hidden={self.hidden} must be >= 1.")
-        require(self.layers >= 1, f"network.layers={self.layers} must be >= 1.")
+        check_ranges(self, "network")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +123,18 @@ class MARLTrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {
+        "total_env_steps": COUNT,
+        "num_seeds": COUNT,
+        "seed": Bound(low=0, high=2**31, high_open=True),
+        "updates_per_call": COUNT,
+        "log_every": COUNT,
+        "checkpoint_every": Bound(low=0, means="0 = only at the end"),
+        "keep_checkpoints": COUNT,
+    }
+
     def __post_init__(self):
-        for name in ("total_env_steps", "num_seeds", "updates_per_call", "log_every", "keep_checkpoints"):
-            require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1.")
-        require(self.checkpoint_every >= 0, f"train.checkpoint_every={self.checkpoint_every} must be >= 0.")
-        require(0 <= self.seed < 2**31, f"train.seed={self.seed} must be in [0, 2**31).")
+        check_ranges(self, "train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +146,14 @@ class EvalConfig:
     seed_index: int = 0
     fps: int = 10
 
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {
+        "episodes": COUNT,
+        "seed_index": Bound(low=0, means="below train.num_seeds"),
+        "fps": COUNT,
+    }
+
     def __post_init__(self):
-        require(self.episodes >= 1, f"eval.episodes={self.episodes} must be >= 1.")
-        require(self.seed_index >= 0, f"eval.seed_index={self.seed_index} must be >= 0.")
-        require(self.fps >= 1, f"eval.fps={self.fps} must be >= 1.")
+        check_ranges(self, "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +164,7 @@ class MARLRunConfig:
     mesh: MeshConfig = MeshConfig()
     train: MARLTrainConfig = MARLTrainConfig()
     eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @property
     def steps_per_update(self) -> int:

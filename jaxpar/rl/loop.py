@@ -27,6 +27,7 @@ from jaxpar.parallel.mesh import describe, make_mesh
 from jaxpar.rl import plots
 from jaxpar.rl.config import MARLRunConfig, validate_run
 from jaxpar.rl.ppo import PPO
+from jaxpar.train import workdir as workdir_lib
 from jaxpar.train.checkpoint import Checkpointer
 from jaxpar.train.metrics import MetricsWriter, save_config
 
@@ -71,19 +72,23 @@ def _finite(x) -> float | None:
 
 
 def train(run: MARLRunConfig, workdir: str, devices=None) -> dict:
-    """Trains (or resumes) to `run.num_updates` updates of every seed; returns the last record."""
+    """Trains (or resumes) to `run.num_updates` updates of every seed; returns the last record. Holds the
+    workdir's lock (jaxpar.train.workdir) throughout: a second run on the same workdir refuses to start."""
+    with workdir_lib.exclusive(workdir, enabled=jax.process_index() == 0):
+        return _train(run, workdir, devices)
+
+
+def _train(run: MARLRunConfig, workdir: str, devices) -> dict:
     ppo = build(run, devices)
     os.makedirs(workdir, exist_ok=True)
     tcfg = run.train
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
     try:
-        start = checkpointer.latest_step()
-        clock = {"wall_s": 0.0, "cpu_s": 0.0}
-        if start is None:
-            start = 0
-            states = ppo.init_states()
+        restored = checkpointer.restore_latest(ppo.abstract_state, run.checkpoint.on_corrupt)
+        if restored is None:
+            start, states, clock = 0, ppo.init_states(), {"wall_s": 0.0, "cpu_s": 0.0}
         else:
-            states, clock = checkpointer.restore(start, ppo.abstract_state)
+            start, states, clock = restored
         save_config(run, workdir, ppo.mesh.shape)
         return _run_updates(run, ppo, workdir, states, start, clock, checkpointer)
     finally:
@@ -168,7 +173,7 @@ def restore_params(run: MARLRunConfig, workdir: str, ppo: PPO):
                 f"eval.seed_index={run.eval.seed_index} but the run has train.num_seeds="
                 f"{run.train.num_seeds}."
             )
-        states, _ = checkpointer.restore(step, ppo.abstract_state)
+        step, states, _ = checkpointer.restore_latest(ppo.abstract_state, run.checkpoint.on_corrupt)
     finally:
         checkpointer.close()
     return jax.tree.map(lambda x: x[run.eval.seed_index], states.train.params), step

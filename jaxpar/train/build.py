@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from jaxpar.config import ModelConfig, RunConfig
 from jaxpar.models.llama import Transformer
 from jaxpar.parallel import rules
-from jaxpar.train import optimizer as optimizer_lib, step as step_lib
+from jaxpar.train import fit, optimizer as optimizer_lib, step as step_lib
 from jaxpar.train.pipeline import make_pipelined_loss_and_grads
 from jaxpar.train.state import TrainState, state_shardings, with_shardings
 
@@ -76,6 +76,11 @@ class TrainProgram:
     shardings: TrainState
     train_step: Callable  # (state, batch) -> (state, metrics), jitted, donates the state
     eval_step: Callable  # (params, batch) -> (summed cross-entropy, token count), jitted
+
+    def check_fits(self, bytes_limit: int | None = None) -> dict[str, int]:
+        """Refuses (ConfigError naming the numbers) a run whose state and activations cannot fit the
+        memory of this mesh's devices; call it before `init`. `compile` does not: any size compiles."""
+        return fit.check_fits(self.run, self.mesh, self.abstract, bytes_limit)
 
     def init(self) -> TrainState:
         return init_sharded(self.run.model, self.tx, self.mesh, self.shardings, self.run.train.seed)

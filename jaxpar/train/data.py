@@ -44,6 +44,11 @@ NUM_PACKING_BINS = 64
 # without installed packages the corpus is ~12 MB of ordinary library code.
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 _GLOB_MAGIC = frozenset("*?[")
+# Tokens per read when scanning ids against the vocabulary: 16-32 MB at a time, so memory stays flat.
+SCAN_TOKENS = 1 << 23
+# A uint16 file with a zero at every odd position is uint32 ids read as uint16 (their high halves); this
+# many tokens make a false alarm on real text impossible in practice.
+_MIN_TOKENS_FOR_DTYPE_GUESS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +132,62 @@ def check_data(cfg: DataConfig) -> None:
     """Fail with a ConfigError before anything compiles if the data cannot be read; costs a `stat` and an
     `open` per file, no token reads."""
     _corpus(cfg)
+
+
+def _scan_max(path: str, dtype: np.dtype, chunk_tokens: int) -> tuple[int, int, int]:
+    """(tokens, largest id, largest id at an odd position) of a flat token file, read chunk by chunk."""
+    n_tokens = os.path.getsize(path) // dtype.itemsize
+    chunk_tokens += chunk_tokens % 2  # even, so a chunk's odd positions are the file's
+    top = odd_top = 0
+    for start in range(0, n_tokens, chunk_tokens):
+        tokens = np.memmap(
+            path,
+            dtype=dtype,
+            mode="r",
+            offset=start * dtype.itemsize,
+            shape=(min(chunk_tokens, n_tokens - start),),
+        )
+        top = max(top, int(tokens.max()))
+        if len(tokens) > 1:
+            odd_top = max(odd_top, int(tokens[1::2].max()))
+        del tokens  # unmaps the chunk
+    return n_tokens, top, odd_top
+
+
+def check_token_ids(cfg: DataConfig, vocab_size: int, chunk_tokens: int = SCAN_TOKENS) -> None:
+    """ConfigError before anything compiles if a `tokens` file holds an id >= `vocab_size` (the embedding
+    lookup would read NaN and the run would stop at step 1) or looks written with another dtype than
+    data.token_dtype. Reads every token once, `chunk_tokens` at a time (numpy max over a memmap: about a
+    second per GB from the page cache). Byte sources need no scan: their ids are < 256 <= vocab_size."""
+    if cfg.source != "tokens":
+        return
+    corpus = _corpus(cfg)  # also: sizes that are not a multiple of the dtype's
+    dtype = corpus.dtype
+    read_as = f"read as data.token_dtype={cfg.token_dtype!r}"
+    for path in corpus.paths:
+        n_tokens, top, odd_top = _scan_max(path, dtype, chunk_tokens)
+        if top >= vocab_size:
+            if dtype == np.uint32 and _scan_max(path, np.dtype(np.uint16), chunk_tokens)[1] < vocab_size:
+                fix = (
+                    "as uint16 every id would be in range: the file looks written as uint16 (pairs of ids "
+                    "read as one), so set --config.data.token_dtype=uint16."
+                )
+            else:
+                fix = (
+                    f"set --config.model.vocab_size to at least {top + 1} if that is the tokenizer's "
+                    "vocabulary, or set data.token_dtype to the dtype the file was written with."
+                )
+            raise ConfigError(
+                f"token file {path!r} ({read_as}) holds token id {top}, but model.vocab_size={vocab_size}: "
+                f"ids must be < vocab_size, or the run reads NaN embeddings and stops at step 1. Fix: {fix}"
+            )
+        high_halves = (vocab_size - 1) >> 16  # the largest high half of a uint32 id below vocab_size
+        if dtype == np.uint16 and n_tokens >= _MIN_TOKENS_FOR_DTYPE_GUESS and odd_top <= high_halves < top:
+            raise ConfigError(
+                f"token file {path!r} ({read_as}) holds only ids <= {odd_top} at every odd position of its "
+                f"{n_tokens} tokens: it looks written as uint32 (the high half of each id reads as a token "
+                "of its own). Set --config.data.token_dtype=uint32."
+            )
 
 
 def vocab_size(cfg: DataConfig) -> int | None:

@@ -19,7 +19,14 @@ from tqdm import tqdm
 from jaxpar.config import RunConfig, validate_run
 from jaxpar.parallel import sequence as sequence_lib
 from jaxpar.parallel.mesh import describe, make_mesh
-from jaxpar.train import build as build_lib, costs, data, metrics as metrics_lib, step as step_lib
+from jaxpar.train import (
+    build as build_lib,
+    costs,
+    data,
+    metrics as metrics_lib,
+    step as step_lib,
+    workdir as workdir_lib,
+)
 from jaxpar.train.checkpoint import Checkpointer
 
 
@@ -32,17 +39,25 @@ class _Preemption:
 
     In a multi-process job every process must stop at the same step, because saving is collective and the
     signal reaches processes at different steps. There JAX's preemption sync manager (started by
-    jax.distributed.initialize, which catches SIGTERM itself) agrees on the step; no Python handler."""
+    jax.distributed.initialize, which catches SIGTERM itself) agrees on the step; no Python handler.
+
+    Single-process, the handler is installed only once the first step has been dispatched: until then
+    (start-up, and the first step's compile, minutes for a large model, during which a Python handler
+    could not run) SIGTERM keeps its default action and ends the process at once. Nothing is lost: no step
+    has run that a checkpoint would keep."""
 
     def __init__(self):
         self.requested = False
         self.synced = False
+        self.armed = False
 
     def __enter__(self):
         self.synced = jax.process_count() > 1
-        if not self.synced:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
+
+    def _arm(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.armed = True
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -51,10 +66,12 @@ class _Preemption:
         """Call exactly once per step, on every process."""
         if self.synced:
             self.requested = multihost_utils.reached_preemption_sync_point(step)
+        elif not self.armed:
+            self._arm()
         return self.requested
 
     def __exit__(self, *exc):
-        if not self.synced:
+        if self.armed:
             signal.signal(signal.SIGTERM, self.previous)
 
 
@@ -73,13 +90,39 @@ def place_batch(
     }
 
 
-def _check_finite(step: int, values: dict) -> None:
-    bad = {k: float(values[k]) for k in ("loss", "grad_norm") if not math.isfinite(float(values[k]))}
-    if bad:
-        raise NonFiniteError(
-            f"non-finite {bad} at step {step}; stopping. The last good checkpoint is kept; lower "
-            "optimizer.learning_rate or raise optimizer.warmup_steps and rerun to resume from it."
+def _check_finite(step: int, values: dict, checkpointer, first_step: int) -> None:
+    """NonFiniteError saying what is known: the step, the values, the newest checkpoint, and the likely
+    cause. The loss and gradients of `step` come from the parameters after the updates of the steps
+    before it; at the first step of a run, or at lr 0 (warmup starts at 0, so no earlier update moved the
+    parameters either), no learning rate can be to blame: the batch or the starting state is."""
+    bad = [f"{k}={float(values[k])}" for k in ("loss", "grad_norm") if not math.isfinite(float(values[k]))]
+    if not bad:
+        return
+    lr = float(values.get("lr", float("nan")))
+    saved = checkpointer.latest_step()
+    blame_input = (
+        "the batch is bad (token ids >= model.vocab_size, wrong data.token_dtype) or that starting state "
+        "is; not the learning rate."
+    )
+    if step == first_step:
+        origin = f"as restored from checkpoint step {step - 1}" if step > 1 else "at their initial values"
+        cause = f"No update had run yet, so the parameters were {origin}: {blame_input}"
+    elif lr == 0.0:
+        cause = f"The learning rate was 0 (warmup starts at 0), so no update moved the weights: {blame_input}"
+    else:
+        cause = (
+            f"The learning rate was {lr:.3g}: lower optimizer.learning_rate or raise "
+            "optimizer.warmup_steps (or optimizer.grad_clip_norm), or check the data if the loss had "
+            "been falling smoothly."
         )
+    if saved is None:
+        kept = "No checkpoint has been saved yet (train.checkpoint_every), so a rerun starts from step 0."
+    else:
+        kept = (
+            f"The newest saved state is checkpoint step {saved} in {checkpointer.directory}, from before "
+            "this step; a rerun resumes from it."
+        )
+    raise NonFiniteError(f"non-finite {' and '.join(bad)} at step {step}; stopping. {cause} {kept}")
 
 
 def make_evaluator(eval_step, run: RunConfig, mesh, zigzag: int):
@@ -108,7 +151,13 @@ def make_evaluator(eval_step, run: RunConfig, mesh, zigzag: int):
 
 
 def train(run: RunConfig, workdir: str) -> dict:
-    """Trains (or resumes) to `run.train.steps`; returns the last logged metrics."""
+    """Trains (or resumes) to `run.train.steps`; returns the last logged metrics. Holds the workdir's lock
+    (jaxpar.train.workdir) throughout: a second run on the same workdir refuses to start."""
+    with workdir_lib.exclusive(workdir, enabled=jax.process_index() == 0):
+        return _train(run, workdir)
+
+
+def _train(run: RunConfig, workdir: str) -> dict:
     mesh_sizes = validate_run(run, jax.device_count())
     tcfg = run.train
     batches = data.make_batches(  # fails here, before anything is traced, if the data is missing
@@ -119,17 +168,15 @@ def train(run: RunConfig, workdir: str) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    data.check_token_ids(run.data, run.model.vocab_size)  # an id past the vocabulary would be NaN at step 1
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(mesh_sizes)
     program = build_lib.build(run, mesh)
+    program.check_fits()  # an absurd size is a ConfigError here, before anything is allocated or compiled
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
-    start = checkpointer.latest_step()
-    if start is None:
-        start = 0
-        state = program.init()
-    else:
-        state, data_state = checkpointer.restore(start, program.abstract)
-        batches.set_state(data_state)
+    # Verified against its checksums; the data position is applied inside the checkpoint error handling.
+    restored = checkpointer.restore_latest(program.abstract, run.checkpoint.on_corrupt, batches.set_state)
+    start, state = (0, program.init()) if restored is None else restored[:2]
     metrics_lib.save_config(run, workdir, mesh_sizes)
 
     with jax.set_mesh(mesh):
@@ -169,7 +216,7 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
             k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
             for k, v in jax.device_get(values).items()
         }
-        _check_finite(step, values)
+        _check_finite(step, values, checkpointer, start + 1)
         window_steps += 1
         if step % tcfg.log_every and step not in (1, tcfg.steps):
             return
