@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpar.bench import moe
+from jaxpar.launch import cli
 from jaxpar.machine import simulate_cpu_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/lm.py:moe_smoke", "The MoE config measured.")
@@ -32,4 +33,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.check_config_flags(default="configs/lm.py:moe_smoke")  # a misspelled --config.KEY: one line
     app.run(main)

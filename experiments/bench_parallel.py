@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from jaxpar.bench import parallel
 from jaxpar.config import from_config_dict
+from jaxpar.launch import cli
 from jaxpar.machine import simulate_cpu_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/lm.py:smoke", "Model for part 1 (8 devices).")
@@ -44,4 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.check_config_flags(default="configs/lm.py:smoke")  # a misspelled --config.KEY: one line
     app.run(main)

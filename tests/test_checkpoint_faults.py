@@ -132,6 +132,22 @@ def test_sigterm_during_an_async_save_saves_and_exits_cleanly(stopped, tmp_path,
     assert restores_every_step(workdir, tiny_run(steps=100)) == [4, 6, 7]  # keeps the newest 3
 
 
+def test_sigterm_while_the_last_save_commits_keeps_it(stopped, tmp_path, monkeypatch):
+    """SIGTERM stays caught until the final async save has committed (it once killed the process there)."""
+    workdir = copy_of(stopped, tmp_path)
+    close = Checkpointer.close
+
+    def sigterm_then_close(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # step 6, the last, is still being written
+        close(self)
+
+    monkeypatch.setattr(Checkpointer, "close", sigterm_then_close)
+    last = loop.train(tiny_run(), str(workdir))
+    monkeypatch.undo()
+    assert last["step"] == 6 and "preempted" not in last
+    assert restores_every_step(workdir, tiny_run()) == [2, 4, 6]
+
+
 def test_disk_full_while_saving_fails_clearly_and_keeps_earlier_steps(stopped, tmp_path):
     """The checkpoint folder is a 1 MB tmpfs holding step 2 of the stopped run: step 3 does not fit."""
     workdir = tmp_path / "run"

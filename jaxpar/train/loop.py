@@ -6,6 +6,7 @@ host; the fetch also checks every step's loss and gradient norm for non-finite v
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -179,19 +180,18 @@ def _train(run: RunConfig, workdir: str) -> dict:
     start, state = (0, program.init()) if restored is None else restored[:2]
     metrics_lib.save_config(run, workdir, mesh_sizes)
 
-    with jax.set_mesh(mesh):
+    # SIGTERM stays caught until the last async save has committed (checkpointer.close()).
+    with jax.set_mesh(mesh), _Preemption() as preemption:
         try:
-            return _run_steps(
-                run, workdir, mesh, state, start, batches, program.train_step, program.eval_step, checkpointer
-            )
+            return _run_steps(run, workdir, mesh, state, start, batches, program, checkpointer, preemption)
         finally:
             checkpointer.close()  # lets an in-flight async save commit, also when a step failed
 
 
-def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step, checkpointer) -> dict:
+def _run_steps(run, workdir, mesh, state, start, batches, program, checkpointer, preemption) -> dict:
     tcfg = run.train
     zigzag = run.model.zigzag_factor(dict(mesh.shape))
-    evaluate = make_evaluator(eval_step, run, mesh, zigzag) if tcfg.eval_every else None
+    evaluate = make_evaluator(program.eval_step, run, mesh, zigzag) if tcfg.eval_every else None
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
     tokens_per_step = tcfg.global_batch * tcfg.seq_len
     peak = costs.peak_flops_per_device(jax.devices()[0].device_kind)
@@ -237,9 +237,9 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
         last = {"step": step, **values}
         window_start, window_steps = time.perf_counter(), 0
 
-    with _Preemption() as preemption:
+    with bar, contextlib.closing(writer):  # closed also when a step stops the run (NonFiniteError)
         for step in range(start + 1, tcfg.steps + 1):
-            state, step_metrics = train_step(
+            state, step_metrics = program.train_step(
                 state, place_batch(next(batches), mesh, tcfg.global_batch, zigzag)
             )
             if pending is not None:
@@ -261,8 +261,6 @@ def _run_steps(run, workdir, mesh, state, start, batches, train_step, eval_step,
                 bar.write(f"SIGTERM: saved checkpoint at step {step}; exiting so the job can be requeued.")
                 last["preempted"] = True
                 break
-    bar.close()
-    writer.close()
     if jax.process_index() == 0 and not last.get("preempted"):
         metrics_lib.plot_losses(workdir)
     return last
