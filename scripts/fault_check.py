@@ -273,7 +273,12 @@ def failure(result: dict) -> tuple[str, str]:
     if result["rc"] < 0:
         return "crash", f"killed by signal {-result['rc']}; last line: {last[:200]}"
     traceback = result["stderr"].count("\n", result["stderr"].find("Traceback"))
-    return "crash", f"exit {result['rc']}, traceback of {traceback} lines; last line: {last[:200]}"
+    # The exception itself, not JAX's note about filtered frames that often follows it.
+    raised = next((line for line in reversed(lines) if _EXCEPTION.match(line)), last)
+    return "crash", f"exit {result['rc']}, traceback of {traceback} lines; raised: {raised[:300]}"
+
+
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
 
 
 _FELL_BACK = re.compile(r"\b(is|are) corrupt|f[ae]ll(s|ing)? back|resuming from step", re.IGNORECASE)
