@@ -12,7 +12,7 @@ LAYERS = (
     ("envs",),  # multi-agent environments: no model, no loop
     ("models",),  # Flax NNX models, logical axis names only
     ("train",),  # state, steps, the LM training loop, checkpoints, data, metrics
-    ("rl",),  # IPPO / MAPPO on the shared runtime
+    ("infer", "rl"),  # generation and serving (may read train's checkpoints); IPPO / MAPPO
     ("launch",),  # multi-process, SLURM, TPU VM, sweeps
     ("bench",),  # benchmark code behind experiments/bench_*.py
 )

@@ -193,6 +193,7 @@ class ModelConfig:
     softmax_every: int = 4  # hybrid: every softmax_every-th layer is softmax attention, the rest linear
     linear_gate: str = "scalar"  # linear attention: "none" (plain) or "scalar" (gated decay per KV head)
     linear_chunk: int = 64  # linear attention chunk length
+    sliding_window: int = 0  # softmax attention sees the newest sliding_window tokens (Mistral); 0: all
     moe: MoEConfig = MoEConfig()
 
     RANGES: typing.ClassVar[Mapping[str, Bound]] = {
@@ -210,6 +211,7 @@ class ModelConfig:
         "ulysses_degree": Bound(low=0, means="0 = the largest that fits"),
         "softmax_every": COUNT,
         "linear_chunk": COUNT,
+        "sliding_window": Bound(low=0, means="0 = every earlier token"),
     }
 
     def __post_init__(self):
@@ -226,6 +228,11 @@ class ModelConfig:
         one_of("model.sequence_parallel", self.sequence_parallel, sequence_lib.VARIANTS)
         one_of("model.mixer", self.mixer, MIXERS)
         one_of("model.linear_gate", self.linear_gate, LINEAR_GATES)
+        require(
+            not (self.sliding_window and self.mixer == "linear"),
+            f"model.sliding_window={self.sliding_window} applies to softmax attention; model.mixer='linear' "
+            "has none. Set model.sliding_window=0 or use mixer 'softmax' or 'hybrid'.",
+        )
         if self.mixer == "hybrid":
             require(
                 self.softmax_every >= 2 and self.n_layers % self.softmax_every == 0,

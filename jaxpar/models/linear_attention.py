@@ -69,10 +69,13 @@ def chunked_linear_attention(
     chunk: int = 64,
     initial_state=None,
     initial_tag=None,
+    return_state: bool = False,
 ):
-    """The definition in chunks of `chunk` tokens (T is padded up to a multiple; padding joins no
-    segment). initial_state [B, K, H, H] (float32) enters before the first token and is seen by the
-    tokens whose segment is initial_tag [B]. Returns out [B, T, N, H] in q's dtype."""
+    """The definition in chunks of `chunk` tokens (T is padded up to a multiple with zero keys and decays
+    in the last token's segment, which changes no output and no state). initial_state [B, K, H, H]
+    (float32) enters before the first token and is seen by the tokens whose segment is initial_tag [B].
+    Returns out [B, T, N, H] in q's dtype (return_state: and the state after the last token, float32,
+    restricted to its segment: what a recurrent decoder carries on)."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     G = N // K
@@ -87,7 +90,7 @@ def chunked_linear_attention(
         q_BTNH, k_BTKH, v_BTKH, log_decay_BTK = (
             jnp.pad(x, widths(x)) for x in (q_BTNH, k_BTKH, v_BTKH, log_decay_BTK)
         )
-        seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=NO_SEGMENT)
+        seg = jnp.pad(seg, ((0, 0), (0, pad)), mode="edge")
     n_chunks = (T + pad) // C
 
     def chunks(x):  # [B, T, ...] -> [n_chunks, B, C, ...]
@@ -124,11 +127,11 @@ def chunked_linear_attention(
 
     # Rematerialised: the backward recomputes a chunk's [C, C] decay and score tiles instead of saving
     # them for every chunk (halves the train step's memory; benchmarks/sequence).
-    _, out = jax.lax.scan(
+    (state, _), out = jax.lax.scan(
         jax.checkpoint(step), (initial_state.astype(f32), initial_tag.astype(jnp.int32)), xs
     )
-    out = jnp.moveaxis(out, 0, 1).reshape(B, T + pad, N, H)[:, :T]
-    return out.astype(q_BTNH.dtype)
+    out = jnp.moveaxis(out, 0, 1).reshape(B, T + pad, N, H)[:, :T].astype(q_BTNH.dtype)
+    return (out, state) if return_state else out
 
 
 def lasp2_linear_attention(
@@ -222,7 +225,9 @@ class LinearAttention(nnx.Module):
             self.gate_bias = nnx.Param(jnp.full((K,), 4.0, cfg.param_dtype), out_sharding=("kv_heads",))
         self.out_scale = nnx.Param(jnp.ones((H,), cfg.param_dtype), out_sharding=("norm",))
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None):
+        """As llama.Attention, `cache` (e.g. jaxpar.infer.cache.LinearCache: the recurrent state of
+        earlier tokens) makes the result (output, updated cache): O(1) work per new token."""
         del positions_BT  # linear attention is position-free
         cfg, dtype = self.cfg, x_BTD.dtype
         H = cfg.head_dim
@@ -240,10 +245,19 @@ class LinearAttention(nnx.Module):
         else:
             log_decay_BTK = jnp.zeros(k_BTKH.shape[:3], jnp.float32)
         log_decay_BTK = constrain(log_decay_BTK, ("batch", "length", "heads"))
+        if cache is not None:
+            out_BTNH, cache = cache.attend(
+                q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT, chunk=cfg.linear_chunk
+            )
+            return self._project_out(out_BTNH, dtype), cache
         zigzag = cfg.zigzag_factor(sequence_lib.current_mesh_sizes())
         out_BTNH = linear_attention(
             q_BTNH, k_BTKH, v_BTKH, log_decay_BTK, segment_ids_BT, chunk=cfg.linear_chunk, zigzag=zigzag
         )
-        out_BTNH = constrain(rms_norm(out_BTNH, self.out_scale[...], cfg.norm_eps), names)
+        return self._project_out(out_BTNH, dtype)
+
+    def _project_out(self, out_BTNH, dtype):
+        names = ("batch", "length", "heads", "head_dim")
+        out_BTNH = constrain(rms_norm(out_BTNH, self.out_scale[...], self.cfg.norm_eps), names)
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dtype))
         return constrain(out_BTD, ("batch", "length_sp", "act_embed"))

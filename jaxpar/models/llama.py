@@ -53,7 +53,11 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.wq, self.wk, self.wv, self.wo = attention_projections(cfg, rngs)
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None):
+        """The attention output [B, T, D]. With a `cache` (a KV cache of this layer, e.g.
+        jaxpar.infer.cache.KVCache, holding the keys and values of earlier tokens), the new tokens' keys and
+        values are written into it at positions_BT, the queries attend over it, and the result is
+        (output, updated cache)."""
         cfg, dtype = self.cfg, x_BTD.dtype
         q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq[...].astype(dtype))
         k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk[...].astype(dtype))
@@ -65,6 +69,10 @@ class Attention(nnx.Module):
             rope(k_BTKH, positions_BT, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim")
         )
         v_BTKH = constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
+        window = cfg.sliding_window or None
+        if cache is not None:
+            out_BTNH, cache = cache.attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, window=window)
+            return self._project_out(out_BTNH, dtype), cache
         # Plain `attention` unless the mesh splits the sequence; then the configured variant.
         out_BTNH = sequence_attention(
             q_BTNH,
@@ -72,10 +80,14 @@ class Attention(nnx.Module):
             v_BTKH,
             segment_ids=segment_ids_BT,
             causal=True,
+            window=window,
             implementation=cfg.attention_impl,
             variant=cfg.sequence_parallel,
             ulysses_degree=cfg.ulysses_degree,
         )
+        return self._project_out(out_BTNH, dtype)
+
+    def _project_out(self, out_BTNH, dtype):
         out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dtype))
         return constrain(out_BTD, RESIDUAL)
@@ -108,7 +120,10 @@ class Block(nnx.Module):
 
     Norm outputs are constrained to the full sequence: under Megatron sequence parallelism that makes
     the activation (not the column-parallel weight) the thing that is all-gathered into each tensor-
-    parallel region."""
+    parallel region.
+
+    `forward(x, positions, segment_ids, cache=None) -> (x, statistics, cache)` is the one path; calling
+    the block (training) returns x alone, an MoE block (x, statistics)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mixer: str = "softmax"):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
@@ -119,14 +134,22 @@ class Block(nnx.Module):
     def _init_mlp(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
-    def attention_sublayer(self, x_BTD, positions_BT, segment_ids_BT):
+    def forward(self, x_BTD, positions_BT, segment_ids_BT, cache=None):
         h_BTD = constrain(self.attn_norm(x_BTD), FULL_LENGTH)
-        return constrain(x_BTD + self.attn(h_BTD, positions_BT, segment_ids_BT), RESIDUAL)
+        if cache is None:
+            out_BTD = self.attn(h_BTD, positions_BT, segment_ids_BT)
+        else:
+            out_BTD, cache = self.attn(h_BTD, positions_BT, segment_ids_BT, cache)
+        x_BTD = constrain(x_BTD + out_BTD, RESIDUAL)
+        h_BTD = constrain(self.mlp_norm(x_BTD), FULL_LENGTH)
+        y_BTD, stats = self.feed_forward(h_BTD)
+        return constrain(x_BTD + y_BTD, RESIDUAL), stats, cache
+
+    def feed_forward(self, h_BTD):
+        return self.mlp(h_BTD), {}
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-        x_BTD = self.attention_sublayer(x_BTD, positions_BT, segment_ids_BT)
-        h_BTD = constrain(self.mlp_norm(x_BTD), FULL_LENGTH)
-        return constrain(x_BTD + self.mlp(h_BTD), RESIDUAL)
+        return self.forward(x_BTD, positions_BT, segment_ids_BT)[0]
 
 
 class MoEBlock(Block):
@@ -138,18 +161,30 @@ class MoEBlock(Block):
         shared_ff = cfg.moe.shared_experts * cfg.moe.d_ff
         self.shared = SwiGLU(cfg, rngs=rngs, d_ff=shared_ff) if shared_ff else None
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-        x_BTD = self.attention_sublayer(x_BTD, positions_BT, segment_ids_BT)
-        h_BTD = constrain(self.mlp_norm(x_BTD), FULL_LENGTH)
+    def feed_forward(self, h_BTD):
         y_BTD, stats = self.moe(h_BTD)
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(h_BTD)
-        return constrain(x_BTD + y_BTD, RESIDUAL), stats
+        return y_BTD, stats
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        return self.forward(x_BTD, positions_BT, segment_ids_BT)[:2]
 
 
-def _run_layer(block, x_BTD, positions_BT, segment_ids_BT):
-    out = block(x_BTD, positions_BT, segment_ids_BT)
-    return out if isinstance(out, tuple) else (out, {})
+def _scan_layers(layers: nnx.Module, x_BTD, positions_BT, segment_ids_BT, cache, wrap=None):
+    """Runs stacked layers (a vmapped module) over x with lax.scan: (x, statistics stacked over layers,
+    the per-layer caches stacked likewise, or None). `wrap` transforms the per-layer function (remat)."""
+    graphdef, stacked = nnx.split(layers)
+
+    def layer(x_BTD, params_and_cache):
+        params, layer_cache = params_and_cache
+        x_BTD, stats, layer_cache = nnx.merge(graphdef, params).forward(
+            x_BTD, positions_BT, segment_ids_BT, layer_cache
+        )
+        return x_BTD, (stats, layer_cache)
+
+    x_BTD, (stats, cache) = jax.lax.scan(wrap(layer) if wrap else layer, x_BTD, (stacked, cache))
+    return x_BTD, stats, cache
 
 
 def _block_type(cfg: ModelConfig) -> type[Block]:
@@ -173,12 +208,17 @@ class HybridGroup(nnx.Module):
         self.softmax = block_type(cfg, rngs=rngs, mixer="softmax")
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-        graphdef, stacked = nnx.split(self.linear)
-        x_BTD, linear_stats = jax.lax.scan(
-            lambda x, p: _run_layer(nnx.merge(graphdef, p), x, positions_BT, segment_ids_BT), x_BTD, stacked
+        return self.forward(x_BTD, positions_BT, segment_ids_BT)[:2]
+
+    def forward(self, x_BTD, positions_BT, segment_ids_BT, cache=None):
+        """cache: None, or {"linear": the linear layers' caches stacked, "softmax": the last layer's}."""
+        linear_cache, softmax_cache = (None, None) if cache is None else (cache["linear"], cache["softmax"])
+        x_BTD, linear_stats, linear_cache = _scan_layers(
+            self.linear, x_BTD, positions_BT, segment_ids_BT, linear_cache
         )
-        x_BTD, stats = _run_layer(self.softmax, x_BTD, positions_BT, segment_ids_BT)
-        return x_BTD, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), linear_stats, stats)
+        x_BTD, stats, softmax_cache = self.softmax.forward(x_BTD, positions_BT, segment_ids_BT, softmax_cache)
+        stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), linear_stats, stats)
+        return x_BTD, stats, None if cache is None else {"linear": linear_cache, "softmax": softmax_cache}
 
 
 class Transformer(nnx.Module):
@@ -211,18 +251,25 @@ class Transformer(nnx.Module):
 
     def forward_with_stats(self, tokens_BT, positions_BT, segment_ids_BT):
         """(logits_BTV, per-layer statistics stacked over layers: the MoE router's, empty when dense)."""
+        return self._forward(tokens_BT, positions_BT, segment_ids_BT, None)[:2]
+
+    def forward_cached(self, tokens_BT, positions_BT, segment_ids_BT, cache):
+        """Inference (jaxpar.infer): (logits_BTV of the new tokens, the cache with them added). `cache`
+        holds every layer's cache stacked like the layers (the structure jaxpar.infer.cache builds);
+        positions_BT are the new tokens' positions; segment_ids_BT is 1 for a real token, 0 for padding
+        (linear attention keeps padding out of its recurrent state; softmax attention needs no mask, as
+        padding only ever sits after a row's real tokens and is overwritten by the next ones)."""
+        logits_BTV, _, cache = self._forward(tokens_BT, positions_BT, segment_ids_BT, cache)
+        return logits_BTV, cache
+
+    def _forward(self, tokens_BT, positions_BT, segment_ids_BT, cache):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x_BTD = constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype), RESIDUAL)
-
-        graphdef, stacked = nnx.split(self.blocks)
-
-        def layer(x_BTD, layer_params):
-            return _run_layer(nnx.merge(graphdef, layer_params), x_BTD, positions_BT, segment_ids_BT)
-
-        if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x_BTD, stats = jax.lax.scan(layer, x_BTD, stacked)
+        remat = None
+        if cfg.remat != "none" and cache is None:
+            remat = functools.partial(jax.checkpoint, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        x_BTD, stats, cache = _scan_layers(self.blocks, x_BTD, positions_BT, segment_ids_BT, cache, remat)
         if cfg.mixer == "hybrid":  # [groups, softmax_every, ...] -> [layers, ...]
             stats = jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats)
 
@@ -235,7 +282,7 @@ class Transformer(nnx.Module):
             logits_BTV = jnp.einsum(
                 "btd,dv->btv", x_BTD, self.unembed[...].astype(dtype), preferred_element_type=jnp.float32
             )
-        return constrain(logits_BTV, ("batch", "length", "vocab")), stats
+        return constrain(logits_BTV, ("batch", "length", "vocab")), stats, cache
 
 
 def cross_entropy(logits_BTV, targets_BT, mask_BT, *, axis_name: str | None = None, with_lse: bool = False):

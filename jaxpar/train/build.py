@@ -41,14 +41,20 @@ def _init_fn(model_cfg: ModelConfig, tx: optax.GradientTransformation):
     return init
 
 
+def param_shardings(model_cfg: ModelConfig, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, abstract parameters, their NamedShardings on `mesh` by the rules table)."""
+    graphdef, abstract_params = abstract_model(model_cfg)
+    shardings = rules.tree_shardings(mesh, abstract_params, rules.param_specs(abstract_params))
+    rules.check_sharded(mesh, abstract_params, shardings)
+    return graphdef, abstract_params, shardings
+
+
 def abstract_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh):
     """(graphdef, abstract state with shardings attached, shardings), all from `jax.eval_shape`: used to
     create the state, restore checkpoints onto any mesh, and compile ahead of time."""
-    graphdef, abstract_params = abstract_model(model_cfg)
-    param_shardings = rules.tree_shardings(mesh, abstract_params, rules.param_specs(abstract_params))
-    rules.check_sharded(mesh, abstract_params, param_shardings)
+    graphdef, abstract_params, placed = param_shardings(model_cfg, mesh)
     shapes = jax.eval_shape(_init_fn(model_cfg, tx), jax.random.key(0))
-    shardings = state_shardings(mesh, shapes, param_shardings)
+    shardings = state_shardings(mesh, shapes, placed)
     return graphdef, with_shardings(shapes, shardings), shardings
 
 
