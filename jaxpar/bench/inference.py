@@ -38,8 +38,8 @@ from jaxpar.models.llama import Transformer
 
 PROMPT, NEW = 32, 64  # tokens per prompt, tokens generated per request
 SLOTS = (1, 2, 4, 8, 16, 32)
-RATES = (2.0, 4.0, 8.0)  # requests per second offered to the server
-REQUESTS_PER_RATE = 16
+RATES = (4.0, 16.0, 64.0, 256.0)  # requests per second offered to the server (8 slots serve ~60)
+REQUESTS_PER_RATE = 48
 REPEATS = 3
 
 
