@@ -1,5 +1,7 @@
 """Shared pieces for inference tests: small random models of every mixer, and the no-cache reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,21 +32,27 @@ def loaded(cfg: ModelConfig, mesh=None, tokenizer=None, seed: int = 0) -> model_
     return model_lib.from_params(cfg, random_params(cfg, seed), mesh, tokenizer)
 
 
+@functools.cache
+def _forward(graphdef):
+    def forward(params, tokens_BT):
+        B, T = tokens_BT.shape
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        return nnx.merge(graphdef, params)(tokens_BT, positions, jnp.zeros_like(tokens_BT))
+
+    return jax.jit(forward)
+
+
 def full_logits(model: model_lib.LoadedModel, tokens_BT) -> np.ndarray:
     """Logits of a plain forward over whole sequences (no cache), float32 numpy."""
-    tokens_BT = jnp.asarray(tokens_BT)
-    B, T = tokens_BT.shape
-    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     with jax.set_mesh(model.mesh):
-        out = jax.jit(lambda p, t: nnx.merge(model.graphdef, p)(t, positions, jnp.zeros_like(t)))(
-            model.params, tokens_BT
-        )
-    return np.asarray(out)
+        return np.asarray(_forward(model.graphdef)(model.params, jnp.asarray(tokens_BT, jnp.int32)))
 
 
 def greedy_reference(model: model_lib.LoadedModel, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens, each from a full forward of everything so far (no cache)."""
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(np.argmax(full_logits(model, [ids])[0, -1])))
-    return ids[len(prompt) :]
+    """n greedy tokens, each from a full forward of everything so far (no cache; the row is padded to its
+    final length, which causal attention never looks at, so one program serves every step)."""
+    ids = np.zeros((1, len(prompt) + n), np.int32)
+    ids[0, : len(prompt)] = prompt
+    for t in range(len(prompt), len(prompt) + n):
+        ids[0, t] = int(np.argmax(full_logits(model, ids)[0, t - 1]))
+    return ids[0, len(prompt) :].tolist()

@@ -17,23 +17,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import uuid
 from collections.abc import Iterable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpar.infer import sampling
-from jaxpar.infer.cache import cache_shardings, init_cache, logical_names, restart
+from jaxpar.infer.decoder import MIN_BUCKET, Decoder
 from jaxpar.infer.model import LoadedModel
+from jaxpar.infer.speculative import SpeculativeDecoder
 from jaxpar.infer.text import TextStream
-
-MIN_BUCKET = 16
 
 
 class RequestError(ValueError):
@@ -80,58 +73,6 @@ class _Active:
     logprobs: list[float] = dataclasses.field(default_factory=list)
 
 
-def prefill_buckets(prefill_chunk: int) -> tuple[int, ...]:
-    """Padded lengths of prefill chunks: powers of two from MIN_BUCKET up to prefill_chunk (included)."""
-    buckets, b = [], MIN_BUCKET
-    while b < prefill_chunk:
-        buckets.append(b)
-        b *= 2
-    return (*buckets, prefill_chunk)
-
-
-def _batch_axis(path) -> int:
-    return logical_names(path).index("batch")
-
-
-def _take_row(cache, slot):
-    return jax.tree.map_with_path(
-        lambda path, x: lax.dynamic_index_in_dim(x, slot, _batch_axis(path), keepdims=True), cache
-    )
-
-
-def _put_row(cache, row, slot):
-    return jax.tree.map_with_path(
-        lambda path, x, r: lax.dynamic_update_index_in_dim(x, r, slot, _batch_axis(path)), cache, row
-    )
-
-
-def _prefill(graphdef, params, cache, slot, tokens_1T, start, valid, sampler_args):
-    """Writes one chunk of a prompt into `slot`'s cache rows from position `start` (`valid` real tokens,
-    then padding) and samples a token from the last real one's logits (used after the last chunk)."""
-    T = tokens_1T.shape[1]
-    model = nnx.merge(graphdef, params)
-    positions_1T = start + jnp.arange(T, dtype=jnp.int32)[None]
-    segments_1T = (jnp.arange(T) < valid).astype(jnp.int32)[None]
-    row = restart(_take_row(cache, slot), start == 0)  # a linear state left by the slot's last request
-    logits_1TV, row = model.forward_cached(tokens_1T, positions_1T, segments_1T, row)
-    logits_1V = lax.dynamic_index_in_dim(logits_1TV[0], valid - 1, 0, keepdims=True)
-    tokens, logprobs = _sample(logits_1V, *sampler_args)
-    return tokens[0], logprobs[0], _put_row(cache, row, slot)
-
-
-def _decode(graphdef, params, cache, tokens_B, positions_B, sampler_args):
-    """One token for every slot: feeds tokens_B at positions_B, samples the next."""
-    model = nnx.merge(graphdef, params)
-    ones_B1 = jnp.ones_like(tokens_B)[:, None]
-    logits_B1V, cache = model.forward_cached(tokens_B[:, None], positions_B[:, None], ones_B1, cache)
-    return *_sample(logits_B1V[:, 0], *sampler_args), cache
-
-
-def _sample(logits_BV, seeds_B, counts_B, temperature_B, top_k_B, top_p_B, min_p_B):
-    keys_B = sampling.token_keys(seeds_B, counts_B)
-    return sampling.sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, min_p_B)
-
-
 class Engine:
     def __init__(
         self,
@@ -142,7 +83,12 @@ class Engine:
         prefill_chunk: int = 128,
         cache_dtype: str = "bfloat16",
         attention: str | None = None,
+        draft: LoadedModel | None = None,
+        num_draft: int = 4,
     ):
+        """`draft`: a smaller model with the same vocabulary for speculative sampling
+        (jaxpar.infer.speculative), proposing `num_draft` tokens per round; outputs follow the target's
+        distribution exactly either way."""
         cfg = model.cfg
         capacity = capacity or cfg.max_seq_len
         if not 1 <= capacity <= cfg.max_seq_len:
@@ -152,25 +98,18 @@ class Engine:
                 f"slots={slots} must be >= 1 and prefill_chunk={prefill_chunk} a power of two >= {MIN_BUCKET}"
             )
         self.model, self.slots, self.capacity = model, slots, capacity
-        self.buckets = prefill_buckets(min(prefill_chunk, max(MIN_BUCKET, next_power_of_two(capacity))))
-        make_cache = functools.partial(init_cache, cfg, slots, capacity, cache_dtype, attention)
-        with jax.set_mesh(model.mesh):
-            shardings = cache_shardings(model.mesh, jax.eval_shape(make_cache))
-            self._new_cache = jax.jit(make_cache, out_shardings=shardings)
+        args = (slots, capacity, prefill_chunk, cache_dtype, attention)
+        if draft is None:
+            self.decoder = Decoder(model, *args)
+        else:
+            self.decoder = SpeculativeDecoder(model, draft, num_draft, *args)
+        self.cache_bytes = self.decoder.cache_bytes
         self.reset()
-        # The cache comes back exactly as it went in (placement spelled the same), so the next call
-        # reuses the program; the sampled tokens come back replicated.
-        replicated = NamedSharding(model.mesh, P())
-        pinned = dict(donate_argnums=(1,), out_shardings=(replicated, replicated, shardings))
-        self._prefill = jax.jit(functools.partial(_prefill, model.graphdef), **pinned)
-        self._decode = jax.jit(functools.partial(_decode, model.graphdef), **pinned)
-        self.cache_bytes = sum(x.nbytes for x in jax.tree.leaves(self.cache))
 
     def reset(self) -> None:
         """An empty cache, every slot free, no request waiting (after a failed step, whose donated cache
         is gone)."""
-        with jax.set_mesh(self.model.mesh):
-            self.cache = self._new_cache()
+        self.decoder.reset()
         slots = self.slots
         # Per-slot host state: the token to feed next, tokens in the cache, tokens generated, sampler.
         self._next = np.zeros(slots, np.int32)
@@ -216,14 +155,15 @@ class Engine:
         return bool(self._waiting) or any(a is not None for a in self._active)
 
     def compiled_programs(self) -> int:
-        """Programs compiled so far: one decode step, one prefill per bucket used."""
-        return sum(f._cache_size() for f in (self._prefill, self._decode))
+        """Programs compiled so far: one decode round, one prefill per bucket used (per model)."""
+        return self.decoder.compiled_programs()
 
     # ---- the loop ------------------------------------------------------------------------------------
 
     def step(self) -> list[Event]:
         """Drops cancelled requests, prefills waiting requests into free slots (each yields its first
-        token), then runs one decode step for every active slot. Returns the events, in order."""
+        token), then runs one decode round for every active slot (one token each, or with a draft model
+        up to num_draft + 1). Returns the events, in order."""
         events = self._drop_cancelled()
         for slot in range(self.slots):
             while self._active[slot] is None and self._waiting:
@@ -231,14 +171,13 @@ class Engine:
         live = [slot for slot, a in enumerate(self._active) if a is not None]
         if not live:
             return events
-        with jax.set_mesh(self.model.mesh):
-            tokens, logprobs, self.cache = self._decode(
-                self.model.params, self.cache, self._next, self._length, self._sampler_args()
-            )
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        tokens, logprobs, made = self.decoder.round(self._next, self._length, self._sampler_args())
         for slot in live:
-            self._length[slot] += 1  # the fed token is in the cache now
-            events += self._emit(slot, int(tokens[slot]), float(logprobs[slot]))
+            for j in range(made[slot]):
+                self._length[slot] += 1  # the token fed before this one is in the cache now
+                events += self._emit(slot, int(tokens[slot, j]), float(logprobs[slot, j]))
+                if self._active[slot] is None:  # finished: the rest of the round is dropped
+                    break
         return events
 
     def generate(self, requests: Iterable[Request], on_event=None) -> list[Result]:
@@ -270,27 +209,12 @@ class Engine:
         self._temperature[slot], self._top_k[slot] = p.temperature, p.top_k
         self._top_p[slot], self._min_p[slot] = p.top_p, p.min_p
         ids = np.asarray(request.prompt_ids, np.int32)
-        start = 0
-        with jax.set_mesh(self.model.mesh):
-            while start < len(ids):
-                chunk = ids[start : start + self.buckets[-1]]
-                bucket = next(b for b in self.buckets if b >= len(chunk))
-                padded = np.zeros((1, bucket), np.int32)
-                padded[0, : len(chunk)] = chunk
-                args = tuple(a[slot : slot + 1] for a in self._sampler_args())
-                token, logprob, self.cache = self._prefill(
-                    self.model.params,
-                    self.cache,
-                    np.int32(slot),
-                    padded,
-                    np.int32(start),
-                    np.int32(len(chunk)),
-                    args,
-                )
-                start += len(chunk)
+        token, logprob = self.decoder.prefill(
+            slot, ids, tuple(a[slot : slot + 1] for a in self._sampler_args())
+        )
         self._length[slot] = len(ids)
         self._active[slot] = _Active(request, TextStream(self.model.tokenizer, p.stop))
-        return self._emit(slot, int(token), float(logprob))
+        return self._emit(slot, token, logprob)
 
     def _emit(self, slot: int, token: int, logprob: float) -> list[Event]:
         """Records a sampled token of `slot` and finishes the request when it stops."""

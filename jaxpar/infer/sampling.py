@@ -71,6 +71,15 @@ def filter_logits(logits_BV, temperature_B, top_k_B, top_p_B, min_p_B):
     return jnp.where(scaled_BV >= threshold_B[:, None], scaled_BV, -jnp.inf)
 
 
+def distribution(logits_BV, temperature_B, top_k_B, top_p_B, min_p_B):
+    """The probabilities `sample` draws from [B, V] (float32): the filtered softmax, or for temperature 0
+    all mass on the argmax of the raw logits."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    probs_BV = jax.nn.softmax(filter_logits(logits_BV, temperature_B, top_k_B, top_p_B, min_p_B), axis=-1)
+    greedy_BV = jax.nn.one_hot(jnp.argmax(logits_BV, axis=-1), logits_BV.shape[-1], dtype=jnp.float32)
+    return jnp.where((temperature_B > 0)[:, None], probs_BV, greedy_BV)
+
+
 def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, min_p_B):
     """(tokens [B] int32, log-probabilities [B] of those tokens under the model's unfiltered distribution)."""
     logits_BV = logits_BV.astype(jnp.float32)
