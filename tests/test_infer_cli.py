@@ -73,6 +73,7 @@ def test_one_prompt_streams_to_the_terminal(workdir):
         (["--prompt=a", "--prompt_ids=1"], "give exactly one of --prompt, --prompt_ids, --prompts_file"),
         (["--prompt=a", "--mesh=tensor=16"], "needs 16 devices"),
         (["--prompt_ids=1,999"], "token id 999 is outside the vocabulary"),
+        (["--prompt=a", "--speculative=draft"], "--speculative=draft and --draft_workdir go together"),
     ],
 )
 def test_bad_input_is_one_line(workdir, args, words):
@@ -112,3 +113,21 @@ def test_serve_answers_and_stops_on_sigterm(workdir):
         # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -SIGTERM).
         assert server.wait(timeout=30) in (0, -signal.SIGTERM)
     assert "Traceback" not in server.stderr.read()
+
+
+def test_speculative_generation_equals_plain_greedy(workdir, tmp_path):
+    """The run drafts for itself (every proposal accepted): the same greedy tokens as plain decoding."""
+    out = tmp_path / "out.jsonl"
+    done = generate(
+        f"--workdir={workdir}",
+        "--prompt_ids=105,109",
+        "--max_new_tokens=6",
+        "--temperature=0",
+        "--speculative=draft",
+        f"--draft_workdir={workdir}",
+        "--num_draft=3",
+        f"--output={out}",
+    )
+    assert done.returncode == 0, done.stderr
+    model = model_lib.load_workdir(str(workdir), model_lib.inference_mesh())
+    assert json.loads(out.read_text())["token_ids"] == greedy_reference(model, [105, 109], 6)

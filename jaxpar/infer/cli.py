@@ -40,6 +40,11 @@ def define_model_flags() -> None:
         "KV-cache attention: Pallas decode/flash kernels or xla (default: the run's model.attention_impl; "
         "auto: pallas on GPU).",
     )
+    flags.DEFINE_enum(
+        "speculative", "none", ["none", "draft"], "draft: speculative sampling with --draft_workdir."
+    )
+    flags.DEFINE_string("draft_workdir", None, "speculative=draft: a smaller run with the same vocabulary.")
+    flags.DEFINE_integer("num_draft", 4, "speculative=draft: tokens the draft proposes per round.")
     flags.mark_flag_as_required("workdir")
 
 
@@ -72,8 +77,11 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def load_engine(f) -> Engine:
+    if (f.speculative == "draft") != (f.draft_workdir is not None):
+        raise ConfigError("--speculative=draft and --draft_workdir go together: give both or neither")
     mesh = model_lib.inference_mesh(parse_mesh(f.mesh))
     model = model_lib.load_workdir(f.workdir, mesh, f.step)
+    draft = None if f.draft_workdir is None else model_lib.load_workdir(f.draft_workdir, mesh)
     return Engine(
         model,
         slots=f.slots,
@@ -81,6 +89,8 @@ def load_engine(f) -> Engine:
         prefill_chunk=f.prefill_chunk,
         cache_dtype=f.cache_dtype,
         attention=f.attention,
+        draft=draft,
+        num_draft=f.num_draft,
     )
 
 

@@ -2,14 +2,15 @@
 
 A fixed number of slots share one KV cache ([slots, capacity] per layer). A request waits until a slot is
 free, is prefilled into it (its prompt in chunks of at most `prefill_chunk` tokens, the last chunk padded
-to a power-of-two bucket), and then advances one token per decode step together with every other active
-request; it leaves when it stops (a stop token or string, max_tokens, the cache's capacity, or a cancel),
-between two decode steps, and its slot takes the next waiting request. Nothing recompiles while requests
-come and go: the compiled programs are one decode step for all slots and one prefill per bucket
-(`compiled_programs()` counts them).
+to a power-of-two bucket), and then advances one token per decode round together with every other active
+request (with a draft model, jaxpar.infer.speculative, up to num_draft + 1 tokens per round); it leaves
+when it stops (a stop token or string, max_tokens, the cache's capacity, or a cancel), between two rounds,
+and its slot takes the next waiting request. Nothing recompiles while requests come and go: the compiled
+programs are one decode round for all slots and one prefill per bucket and model (`compiled_programs()`
+counts them; jaxpar.infer.decoder holds them).
 
 The engine is single-threaded and synchronous: `add` requests, call `step()` (admit waiting requests,
-then one decode step) and read the events it returns; `generate` does that until all are done.
+then one decode round) and read the events it returns; `generate` does that until all are done.
 jaxpar.infer.server runs it on its own thread for the HTTP server.
 """
 
@@ -104,12 +105,16 @@ class Engine:
         else:
             self.decoder = SpeculativeDecoder(model, draft, num_draft, *args)
         self.cache_bytes = self.decoder.cache_bytes
-        self.reset()
+        self.slot_rounds = 0  # decoding rounds summed over the slots active in them
+        self._clear()
 
     def reset(self) -> None:
         """An empty cache, every slot free, no request waiting (after a failed step, whose donated cache
         is gone)."""
         self.decoder.reset()
+        self._clear()
+
+    def _clear(self) -> None:
         slots = self.slots
         # Per-slot host state: the token to feed next, tokens in the cache, tokens generated, sampler.
         self._next = np.zeros(slots, np.int32)
@@ -172,6 +177,7 @@ class Engine:
         if not live:
             return events
         tokens, logprobs, made = self.decoder.round(self._next, self._length, self._sampler_args())
+        self.slot_rounds += len(live)
         for slot in live:
             for j in range(made[slot]):
                 self._length[slot] += 1  # the token fed before this one is in the cache now
