@@ -135,3 +135,35 @@ def test_bad_pairs_are_refused():
         Engine(target, draft=loaded(SMALL_VOCAB), attention="xla")
     with pytest.raises(ValueError, match="mixer='hybrid'"):
         Engine(target, draft=loaded(MODELS["hybrid"]), attention="xla")
+
+
+def test_adaptive_draft_length_stays_exact():
+    """Every round is exact whatever its k: greedy equals plain greedy while the choice tries k = 1 and
+    k = 4 (the first round at each compiles and is not timed; then EXPLORE = 3 timed rounds each)."""
+    target, draft = loaded(MODELS["dense"], seed=0), loaded(MODELS["dense"], seed=1)
+    engine = Engine(
+        target,
+        slots=2,
+        capacity=48,
+        cache_dtype="float32",
+        attention="xla",
+        draft=draft,
+        num_draft=4,
+        adaptive_draft=True,
+    )
+    prompts = [[5, 9, 3], [1, 2]]
+    results = engine.generate([Request(p, SamplingParams(max_tokens=24, temperature=0.0)) for p in prompts])
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == greedy_reference(target, prompt, 24)
+    assert engine.decoder.chosen[:8] == [1, 1, 1, 1, 4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("accepted, tried, best", [(95, 100, 8), (5, 100, 1)])
+def test_draft_length_choice_follows_acceptance_and_cost(accepted, tried, best):
+    """Rounds cost 1 + 0.1 k: a draft that is nearly always right earns the longest k, a poor one k = 1."""
+    choice = speculative.DraftLength(8)
+    for k in (1, 8):
+        for _ in range(choice.EXPLORE):
+            choice.record(k, [], 1.0 + 0.1 * k)
+    choice.accepted, choice.tried = accepted, tried
+    assert choice.choose() == best

@@ -78,13 +78,22 @@ def measure(target, draft, prompts) -> list[dict]:
         start = time.perf_counter()
         _run(plain, prompts, 0.0)
         plain_first = time.perf_counter() - start
-        for k in KS:
-            spec = Engine(target, slots=slots, draft=draft, num_draft=k, **settings)
+        for k in (*KS, "adaptive"):
+            adaptive = k == "adaptive"
+            spec = Engine(
+                target,
+                slots=slots,
+                draft=draft,
+                num_draft=KS[-1] if adaptive else k,
+                adaptive_draft=adaptive,
+                **settings,
+            )
             start = time.perf_counter()
             _run(spec, prompts, 0.0)
             first = time.perf_counter() - start
             for temperature in (0.0, 1.0):
                 times = {"plain": [], "speculative": []}
+                chosen_before = len(spec.decoder.chosen)
                 for _ in range(REPEATS):  # interleaved
                     for name, engine in (("plain", plain), ("speculative", spec)):
                         seconds, tokens, rounds, per_slot = _run(engine, prompts, temperature)
@@ -103,9 +112,15 @@ def measure(target, draft, prompts) -> list[dict]:
                     "first_call_s": {"plain": plain_first, "speculative": first},
                 }
                 row["speedup"] = row["plain_s"] / row["speculative_s"]
+                if adaptive:
+                    row["mean_k"] = float(np.mean(spec.decoder.chosen[chosen_before:]))
                 logging.info("speculative %s", row)
                 rows.append(row)
     return rows
+
+
+def _k(row) -> str:
+    return f"adaptive 1..{KS[-1]} (mean {row['mean_k']:.1f})" if row["k"] == "adaptive" else str(row["k"])
 
 
 def readme(results: dict) -> str:
@@ -124,7 +139,9 @@ def readme(results: dict) -> str:
         "",
         "`tokens / round`: accepted proposals + 1 per decoding round of a slot (a round is one target "
         "forward over k + 1 tokens and k + 1 draft steps for every slot); plain decoding makes 1. "
-        "`target fwd / token`: target forwards (rounds + prefills) per generated token.",
+        "`target fwd / token`: target forwards (rounds + prefills) per generated token. `adaptive`: k "
+        "chosen every round from the acceptance so far and the measured round times "
+        "(jaxpar.infer.speculative.DraftLength); mean k over the measured rounds.",
         "",
         "| slots | temperature | k | tokens / round | target fwd / token | plain (s) | speculative (s) "
         "| speedup |",
@@ -132,7 +149,7 @@ def readme(results: dict) -> str:
     ]
     for r in results["rows"]:
         lines.append(
-            f"| {r['slots']} | {r['temperature']:g} | {r['k']} | {r['tokens_per_round']:.2f} | "
+            f"| {r['slots']} | {r['temperature']:g} | {_k(r)} | {r['tokens_per_round']:.2f} | "
             f"{r['target_forwards_per_token']:.3f} | {r['plain_s']:.2f} | {r['speculative_s']:.2f} | "
             f"{r['speedup']:.2f}x |"
         )
@@ -153,7 +170,11 @@ def plot(results: dict, out: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for slots in SLOTS:
         for temperature in (0.0, 1.0):
-            rows = [r for r in results["rows"] if r["slots"] == slots and r["temperature"] == temperature]
+            rows = [
+                r
+                for r in results["rows"]
+                if r["slots"] == slots and r["temperature"] == temperature and r["k"] != "adaptive"
+            ]
             ax.plot(
                 [r["k"] for r in rows],
                 [r["tokens_per_round"] for r in rows],

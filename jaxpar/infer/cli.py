@@ -45,6 +45,7 @@ def define_model_flags() -> None:
     )
     flags.DEFINE_string("draft_workdir", None, "speculative=draft: a smaller run with the same vocabulary.")
     flags.DEFINE_integer("num_draft", 4, "speculative=draft: tokens the draft proposes per round.")
+    flags.DEFINE_bool("adaptive_draft", False, "speculative=draft: choose 1..num_draft every round.")
     flags.mark_flag_as_required("workdir")
 
 
@@ -91,6 +92,7 @@ def load_engine(f) -> Engine:
         attention=f.attention,
         draft=draft,
         num_draft=f.num_draft,
+        adaptive_draft=f.adaptive_draft,
     )
 
 

@@ -145,9 +145,10 @@ class Decoder:
                 start += len(chunk)
         return int(token), float(logprob)
 
-    def round(self, next_B, length_B, sampler_args):
+    def round(self, next_B, length_B, sampler_args, live=None):
         """(tokens [B, N], log-probabilities [B, N], tokens made per slot [B]) of one decode round: feeds
-        each slot's next token at its length. Plain decoding: N = 1, one token each."""
+        each slot's next token at its length (`live`: the slots in use, for statistics). Plain decoding:
+        N = 1, one token each."""
         with jax.set_mesh(self.model.mesh):
             tokens, logprobs, self.cache = self._decode(
                 self.model.params, self.cache, next_B, length_B, sampler_args

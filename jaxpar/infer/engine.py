@@ -86,10 +86,11 @@ class Engine:
         attention: str | None = None,
         draft: LoadedModel | None = None,
         num_draft: int = 4,
+        adaptive_draft: bool = False,
     ):
         """`draft`: a smaller model with the same vocabulary for speculative sampling
-        (jaxpar.infer.speculative), proposing `num_draft` tokens per round; outputs follow the target's
-        distribution exactly either way."""
+        (jaxpar.infer.speculative), proposing `num_draft` tokens per round (adaptive_draft: a number in
+        1..num_draft chosen every round); outputs follow the target's distribution exactly either way."""
         cfg = model.cfg
         capacity = capacity or cfg.max_seq_len
         if not 1 <= capacity <= cfg.max_seq_len:
@@ -103,7 +104,7 @@ class Engine:
         if draft is None:
             self.decoder = Decoder(model, *args)
         else:
-            self.decoder = SpeculativeDecoder(model, draft, num_draft, *args)
+            self.decoder = SpeculativeDecoder(model, draft, num_draft, *args, adaptive=adaptive_draft)
         self.cache_bytes = self.decoder.cache_bytes
         self.slot_rounds = 0  # decoding rounds summed over the slots active in them
         self._clear()
@@ -176,7 +177,7 @@ class Engine:
         live = [slot for slot, a in enumerate(self._active) if a is not None]
         if not live:
             return events
-        tokens, logprobs, made = self.decoder.round(self._next, self._length, self._sampler_args())
+        tokens, logprobs, made = self.decoder.round(self._next, self._length, self._sampler_args(), live)
         self.slot_rounds += len(live)
         for slot in live:
             for j in range(made[slot]):

@@ -20,6 +20,8 @@ the target's.
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,8 +107,52 @@ def check_pair(target: LoadedModel, draft: LoadedModel) -> None:
         raise ValueError("the draft and the target must be placed on the same mesh")
 
 
+class DraftLength:
+    """Adaptive draft length: the k in 1..k_max expected to give the most tokens per second next round.
+
+    Expected tokens per round of a slot with per-proposal acceptance rate a: (1 - a^(k+1)) / (1 - a)
+    (accepted prefix + the corrected or bonus token). a is estimated from every live slot's rounds so far
+    (accepted proposals over proposals tried up to and including the first rejection; a Beta(1, 1) prior).
+    A round's time at k is measured (the first round at a k compiles its program and is not counted) and
+    fitted by a line in k over the k tried: k = 1 and k = k_max first (EXPLORE timed rounds each), then
+    whatever the choice picks."""
+
+    EXPLORE = 3  # timed rounds at k = 1 and at k = k_max before choosing (one round's time is noisy)
+
+    def __init__(self, k_max: int):
+        self.k_max = k_max
+        self.accepted = self.tried = 0
+        self.seconds: dict[int, list[float]] = {}
+
+    def acceptance(self) -> float:
+        return (self.accepted + 1) / (self.tried + 2)
+
+    def choose(self) -> int:
+        for k in (1, self.k_max):
+            if len(self.seconds.get(k, ())) < self.EXPLORE:
+                return k
+        ks = sorted(self.seconds)
+        times = [float(np.median(self.seconds[k][-8:])) for k in ks]
+        slope, intercept = np.polyfit(ks, times, 1)
+        a = min(self.acceptance(), 0.999)
+
+        def tokens_per_second(k):
+            return (1 - a ** (k + 1)) / (1 - a) / max(intercept + slope * k, 1e-9)
+
+        return max(range(1, self.k_max + 1), key=tokens_per_second)
+
+    def record(self, k: int, accepted_per_slot, seconds: float | None) -> None:
+        """One round at k: the live slots' accepted counts, and its time (None: it compiled)."""
+        for m in accepted_per_slot:
+            self.accepted += int(m)
+            self.tried += int(m) + (int(m) < k)
+        if seconds is not None:
+            self.seconds.setdefault(k, []).append(seconds)
+
+
 class SpeculativeDecoder:
-    """Decoder interface (see jaxpar.infer.decoder) for a target model with a draft proposing k tokens."""
+    """Decoder interface (see jaxpar.infer.decoder) for a target model with a draft proposing k tokens
+    per round (adaptive: a k in 1..k chosen each round by `DraftLength`; one program per k used)."""
 
     def __init__(
         self,
@@ -118,46 +164,63 @@ class SpeculativeDecoder:
         prefill_chunk,
         cache_dtype,
         attention,
+        adaptive: bool = False,
     ):
         check_pair(target, draft)
         if k < 1:
             raise ValueError(f"num_draft={k} must be >= 1")
         self.model, self.k = target, k
+        self.draft_length = DraftLength(k) if adaptive else None
+        self.chosen: list[int] = []  # k of every round
         self.target = Decoder(target, slots, capacity, prefill_chunk, cache_dtype, attention)
         self.draft = Decoder(draft, slots, capacity, prefill_chunk, cache_dtype, attention)
         self.cache_bytes = self.target.cache_bytes + self.draft.cache_bytes
-        replicated = jax.sharding.NamedSharding(target.mesh, jax.sharding.PartitionSpec())
-        self._round = jax.jit(
-            lambda *args: _speculate((target.graphdef, draft.graphdef), k, *args),
-            donate_argnums=(1,),
-            out_shardings=(
-                replicated,
-                replicated,
-                replicated,
-                (self.target.cache_shardings, self.draft.cache_shardings),
-            ),
-        )
+        self._programs: dict[int, object] = {}  # k -> the jitted round
         self.rounds = 0  # target forwards for decoding (prefill excluded)
 
     def reset(self) -> None:
         self.target.reset()
         self.draft.reset()
 
+    def _program(self, k: int):
+        if k not in self._programs:
+            replicated = jax.sharding.NamedSharding(self.model.mesh, jax.sharding.PartitionSpec())
+            graphdefs = (self.target.model.graphdef, self.draft.model.graphdef)
+            self._programs[k] = jax.jit(
+                lambda *args: _speculate(graphdefs, k, *args),
+                donate_argnums=(1,),
+                out_shardings=(
+                    replicated,
+                    replicated,
+                    replicated,
+                    (self.target.cache_shardings, self.draft.cache_shardings),
+                ),
+            )
+        return self._programs[k]
+
     def compiled_programs(self) -> int:
-        return (
-            self.target._prefill._cache_size() + self.draft._prefill._cache_size() + self._round._cache_size()
-        )
+        rounds = sum(p._cache_size() for p in self._programs.values())
+        return self.target._prefill._cache_size() + self.draft._prefill._cache_size() + rounds
 
     def prefill(self, slot: int, ids: np.ndarray, sampler_row) -> tuple[int, float]:
         self.draft.prefill(slot, ids, sampler_row)
         return self.target.prefill(slot, ids, sampler_row)
 
-    def round(self, next_B, length_B, sampler_args):
+    def round(self, next_B, length_B, sampler_args, live=None):
+        k = self.draft_length.choose() if self.draft_length else self.k
+        program = self._program(k)
+        compiles = program._cache_size() == 0
         params = (self.target.model.params, self.draft.model.params)
+        start = time.perf_counter()
         with jax.set_mesh(self.model.mesh):
-            tokens, logprobs, made, caches = self._round(
+            tokens, logprobs, made, caches = program(
                 params, (self.target.cache, self.draft.cache), next_B, length_B, sampler_args
             )
+            tokens, logprobs, made = np.asarray(tokens), np.asarray(logprobs), np.asarray(made)
         self.target.cache, self.draft.cache = caches
+        if self.draft_length is not None:
+            accepted = made[live] - 1 if live is not None else made - 1
+            self.draft_length.record(k, accepted, None if compiles else time.perf_counter() - start)
         self.rounds += 1
-        return np.asarray(tokens), np.asarray(logprobs), np.asarray(made)
+        self.chosen.append(k)
+        return tokens, logprobs, made
