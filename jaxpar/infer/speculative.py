@@ -108,7 +108,8 @@ def check_pair(target: LoadedModel, draft: LoadedModel) -> None:
 
 
 class DraftLength:
-    """Adaptive draft length: the k in 1..k_max expected to give the most tokens per second next round.
+    """Adaptive draft length: the k expected to give the most tokens per second next round, among the
+    powers of two up to k_max and k_max itself (`choices`: one compiled round program each).
 
     Expected tokens per round of a slot with per-proposal acceptance rate a: (1 - a^(k+1)) / (1 - a)
     (accepted prefix + the corrected or bonus token). a is estimated from every live slot's rounds so far
@@ -121,6 +122,7 @@ class DraftLength:
 
     def __init__(self, k_max: int):
         self.k_max = k_max
+        self.choices = tuple(sorted({*(2**i for i in range(k_max.bit_length()) if 2**i <= k_max), k_max}))
         self.accepted = self.tried = 0
         self.seconds: dict[int, list[float]] = {}
 
@@ -139,7 +141,7 @@ class DraftLength:
         def tokens_per_second(k):
             return (1 - a ** (k + 1)) / (1 - a) / max(intercept + slope * k, 1e-9)
 
-        return max(range(1, self.k_max + 1), key=tokens_per_second)
+        return max(self.choices, key=tokens_per_second)
 
     def record(self, k: int, accepted_per_slot, seconds: float | None) -> None:
         """One round at k: the live slots' accepted counts, and its time (None: it compiled)."""
@@ -152,7 +154,7 @@ class DraftLength:
 
 class SpeculativeDecoder:
     """Decoder interface (see jaxpar.infer.decoder) for a target model with a draft proposing k tokens
-    per round (adaptive: a k in 1..k chosen each round by `DraftLength`; one program per k used)."""
+    per round (adaptive: a k chosen each round by `DraftLength`; its round programs compile up front)."""
 
     def __init__(
         self,
@@ -177,6 +179,10 @@ class SpeculativeDecoder:
         self.cache_bytes = self.target.cache_bytes + self.draft.cache_bytes
         self._programs: dict[int, object] = {}  # k -> the jitted round
         self.rounds = 0  # target forwards for decoding (prefill excluded)
+        if self.draft_length is not None:  # compile every choice now, not while serving
+            with jax.set_mesh(target.mesh):
+                for choice in self.draft_length.choices:
+                    self._warm(choice, slots)
 
     def reset(self) -> None:
         self.target.reset()
@@ -197,6 +203,21 @@ class SpeculativeDecoder:
                 ),
             )
         return self._programs[k]
+
+    def _warm(self, k: int, slots: int) -> None:
+        """Runs the round program of k once on empty slots (it writes stale entries only)."""
+        zeros = np.zeros(slots, np.int32)
+        sampler = (
+            zeros.astype(np.uint32),
+            zeros,
+            zeros.astype(np.float32),
+            zeros,
+            np.ones(slots, np.float32),
+            zeros.astype(np.float32),
+        )
+        params = (self.target.model.params, self.draft.model.params)
+        *_, caches = self._program(k)(params, (self.target.cache, self.draft.cache), zeros, zeros, sampler)
+        self.target.cache, self.draft.cache = caches
 
     def compiled_programs(self) -> int:
         rounds = sum(p._cache_size() for p in self._programs.values())
