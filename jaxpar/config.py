@@ -361,6 +361,22 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    """config.optimizer. `name` picks the update of the weight matrices (the parameters whose logical
+    axes are all hidden dimensions, after any stacked "layers"/"expert" axes); embeddings, the output
+    layer, norms, biases and the MoE router always get AdamW (b1, b2, eps). One learning rate and
+    schedule drive both (Muon's update is scaled to AdamW's RMS, GaLore's by galore_scale).
+
+    adamw         AdamW on everything.
+    muon          orthogonalised Nesterov momentum (muon_momentum, muon_ns_steps Newton-Schulz steps);
+                  muon_layout "gathered" runs Newton-Schulz on whole matrices, "sharded" leaves the
+                  matmuls to the compiler on the parameters' shards (same math, other communication).
+    galore_adamw  Adam on gradients projected to rank galore_rank, projection from the top singular vectors
+                  of the gradient (eigh of its smaller Gram matrix)
+                  every galore_update_every steps, update projected back and scaled by galore_scale.
+    soap          Adam in the eigenbasis of Shampoo's preconditioners (EMA soap_shampoo_beta),
+                  refreshed every soap_precondition_every steps."""
+
+    name: str = "adamw"
     learning_rate: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -369,7 +385,17 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip_norm: float = 1.0
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+    muon_layout: str = "gathered"
+    galore_rank: int = 64
+    galore_update_every: int = 200
+    galore_scale: float = 0.25
+    soap_precondition_every: int = 10
+    soap_shampoo_beta: float = 0.95
 
+    NAMES: typing.ClassVar[tuple[str, ...]] = ("adamw", "muon", "galore_adamw", "soap")
+    MUON_LAYOUTS: typing.ClassVar[tuple[str, ...]] = ("gathered", "sharded")
     RANGES: typing.ClassVar[Mapping[str, Bound]] = {
         "learning_rate": Bound(low=0, low_open=True, means="the peak of the warmup-cosine schedule"),
         "min_lr_ratio": Bound(low=0, high=1, means="the final learning rate over the peak"),
@@ -381,10 +407,21 @@ class OptimizerConfig:
         "grad_clip_norm": Bound(
             low=0, low_open=True, means="the global gradient norm clipped to; 0 would zero every gradient"
         ),
+        "muon_momentum": Bound(low=0, high=1, high_open=True, means="Muon's momentum decay"),
+        "muon_ns_steps": Bound(low=1, high=20, means="Newton-Schulz iterations per step"),
+        "galore_rank": Bound(
+            low=1, means="rank of GaLore's projection, capped at each matrix's smaller side"
+        ),
+        "galore_update_every": Bound(low=1, means="steps between refreshes of GaLore's projection"),
+        "galore_scale": Bound(low=0, low_open=True, means="GaLore's update scale (alpha)"),
+        "soap_precondition_every": Bound(low=1, means="steps between SOAP's eigenbasis refreshes"),
+        "soap_shampoo_beta": Bound(low=0, high=1, high_open=True, means="decay of SOAP's Shampoo factors"),
     }
 
     def __post_init__(self):
+        one_of("optimizer.name", self.name, self.NAMES)
         check_ranges(self, "optimizer")
+        one_of("optimizer.muon_layout", self.muon_layout, self.MUON_LAYOUTS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,8 +55,9 @@ def test_smoke_preset_trains(tmp_path):
     assert "step 150/150 | loss" in result.stdout + result.stderr  # the periodic log line
 
 
-def test_resume_after_sigkill_is_bitwise(tmp_path):
-    steps = ["--config.train.steps=24", *QUICK]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # SOAP restores in tests/test_optimizers.py
+def test_resume_after_sigkill_is_bitwise(tmp_path, optimizer):
+    steps = ["--config.train.steps=24", f"--config.optimizer.name={optimizer}", *QUICK]
     train(tmp_path / "straight", *steps)
     killed = tmp_path / "killed"
     process = subprocess.Popen(

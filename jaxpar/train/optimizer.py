@@ -1,4 +1,8 @@
-"""The optimizer and its learning-rate schedule, from an OptimizerConfig."""
+"""The optimizer and its learning-rate schedule, from an OptimizerConfig.
+
+`name` = "adamw" is AdamW on every parameter. "muon", "galore_adamw" and "soap" update the weight
+matrices (chosen by logical axis names: jaxpar.train.optimizers.matrices) with their own rule and keep
+AdamW for the rest, under one schedule and one global-norm clip."""
 
 from __future__ import annotations
 
@@ -6,10 +10,14 @@ import jax
 import optax
 
 from jaxpar.config import OptimizerConfig
+from jaxpar.train.optimizers import galore, matrices, muon, soap
 
 # Parameters whose path contains one of these are not weight-decayed: norm scales and the MoE router's
 # selection bias are not weights.
 NO_DECAY = ("scale", "router_bias")
+
+# config.optimizer.name -> the update of the matrix parameters, (cfg, schedule) -> GradientTransformation.
+MATRIX_UPDATES = {"muon": muon.muon, "galore_adamw": galore.galore_adamw, "soap": soap.soap}
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -29,14 +37,15 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip_norm),
-        optax.adamw(
-            learning_rate_schedule(cfg, total_steps),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=_decay_mask,
-        ),
+    schedule = learning_rate_schedule(cfg, total_steps)
+    adamw = optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask
     )
+    if cfg.name == "adamw":
+        update = adamw
+    else:
+        update = optax.partition(
+            {matrices.MATRIX: MATRIX_UPDATES[cfg.name](cfg, schedule), matrices.OTHER: adamw},
+            matrices.labels,
+        )
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), update)
