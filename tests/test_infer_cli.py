@@ -5,7 +5,6 @@ its PID."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from infer_testing import greedy_reference
 from test_checkpoint_faults import tiny_run
 
 from jaxpar.infer import model as model_lib
+from jaxpar.launch.local import free_port
 from jaxpar.train import loop
 from run_testing import ENV, ROOT
 
@@ -85,9 +85,7 @@ def test_bad_input_is_one_line(workdir, args, words):
 
 
 def test_serve_answers_and_stops_on_sigterm(workdir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [
         sys.executable,
         os.path.join(ROOT, "scripts", "serve.py"),

@@ -4,18 +4,15 @@ disconnects mid-stream."""
 
 import concurrent.futures
 import dataclasses
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from infer_testing import MODELS, greedy_reference, loaded
 
 from jaxpar.infer.engine import Engine
-from jaxpar.infer.server import make_app
+from jaxpar.infer.server import make_app, serve_in_thread
 from jaxpar.infer.text import ByteTokenizer
 
 BYTE_MODEL = dataclasses.replace(MODELS["dense"], vocab_size=256)
@@ -30,23 +27,10 @@ def text_of(ids) -> str:
     return ByteTokenizer().decode(ids)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(model, slots=2):
     engine = Engine(model, slots=slots, capacity=48, cache_dtype="float32", attention="xla")
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(engine), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, engine, f"http://127.0.0.1:{port}/v1"
+    server, thread, url = serve_in_thread(make_app(engine))
+    return server, thread, engine, url
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,7 @@ import asyncio
 import dataclasses
 import json
 import os
-import socket
 import statistics
-import threading
 import time
 
 import jax
@@ -109,12 +107,6 @@ def throughput(model) -> list[dict]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _one_request(client, url, name, prompt, arrival):
     """(time to first token, inter-token gaps) of one streamed completion."""
     body = {"model": name, "prompt": prompt, "max_tokens": NEW, "temperature": 0, "stream": True}
@@ -151,20 +143,10 @@ async def _load(url, name, rate, n, rng):
 
 
 def serving(model, slots: int) -> list[dict]:
-    import uvicorn
-
-    from jaxpar.infer.server import make_app
+    from jaxpar.infer.server import make_app, serve_in_thread
 
     engine = Engine(model, slots=slots, capacity=PROMPT + NEW + 1, prefill_chunk=32)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(engine), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1"
+    server, thread, url = serve_in_thread(make_app(engine))
     rng = np.random.default_rng(0)
     rows = []
     try:

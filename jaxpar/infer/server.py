@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -303,3 +304,21 @@ async def _stream(worker: EngineThread, request: Request, events: asyncio.Queue,
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1"):
+    """Serves `app` with uvicorn on a free port of `host` from a daemon thread (tests, benchmarks): returns
+    (the uvicorn server, the thread, the API's base URL). Stop it with `server.should_exit = True` and a
+    join of the thread."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, 0))  # bound here and handed over: no other process can take the port in between
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the server on {host} did not start")
+        time.sleep(0.05)
+    return server, thread, f"http://{host}:{sock.getsockname()[1]}/v1"
