@@ -149,16 +149,20 @@ def test_sigterm_while_the_last_save_commits_keeps_it(stopped, tmp_path, monkeyp
 
 
 def test_disk_full_while_saving_fails_clearly_and_keeps_earlier_steps(stopped, tmp_path):
-    """The checkpoint folder is a 1 MB tmpfs holding step 2 of the stopped run: step 3 does not fit."""
+    """The checkpoint folder is a tmpfs holding step 2 of the stopped run with 128 KiB to spare: step 3
+    (as large as step 2) does not fit, whatever this machine's file sizes are."""
     workdir = tmp_path / "run"
     checkpoints = workdir / "checkpoints"
     checkpoints.mkdir(parents=True)
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(checkpoints)]
+    mount = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(checkpoints)]
     if subprocess.run(mount, capture_output=True).returncode:
         pytest.skip("needs permission to mount a tmpfs (root)")
     run = tiny_run(checkpoint_every=1, keep_checkpoints=100)
     try:
         shutil.copytree(stopped / "checkpoints" / "2", checkpoints / "2")
+        disk = os.statvfs(checkpoints)
+        used_kib = (disk.f_blocks - disk.f_bfree) * disk.f_frsize // 1024
+        subprocess.run(["mount", "-o", f"remount,size={used_kib + 128}k", str(checkpoints)], check=True)
         with pytest.raises(CheckpointError) as caught:
             loop.train(run, str(workdir))
         message = str(caught.value)
