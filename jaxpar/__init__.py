@@ -6,7 +6,8 @@ tests/test_layers.py walks every import and fails on one that points up or sidew
 
 # Lowest first. Packages on one line are independent of each other.
 LAYERS = (
-    ("machine", "kernels"),  # know nothing of jaxpar
+    ("machine", "kernels", "interop"),  # know nothing of jaxpar (interop: Hugging Face files <-> plain dicts)
+    ("data",),  # tokenizers and prepared token corpora; no jax, so tokenizing worker processes start fast
     ("parallel",),  # mesh, logical rules, collectives, schedule executor: no model, no config format, no loop
     ("config",),  # typed run configs and their checks
     ("envs",),  # multi-agent environments: no model, no loop

@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxpar.interop import hf_config
 from jaxpar.kernels import attention as attention_lib
 from jaxpar.parallel import sequence as sequence_lib
 from jaxpar.parallel.mesh import MESH_AXES
@@ -146,6 +147,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
     bias_update_rate: float = 1e-3
+    normalize_weights: bool = True  # softmax router: renormalise the top-k weights to sum to 1 (Mixtral)
 
     RANGES: typing.ClassVar[Mapping[str, Bound]] = {
         "experts": Bound(low=0, means="0 = dense MLPs"),
@@ -194,6 +196,14 @@ class ModelConfig:
     linear_gate: str = "scalar"  # linear attention: "none" (plain) or "scalar" (gated decay per KV head)
     linear_chunk: int = 64  # linear attention chunk length
     sliding_window: int = 0  # softmax attention sees the newest sliding_window tokens (Mistral); 0: all
+    attention_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3)
+    rope_scaling: str = "none"  # "llama3": Llama 3.1's frequency-dependent stretch of the rotary waves
+    rope_factor: float = 8.0  # llama3 scaling: how much the long waves are stretched
+    rope_low_freq_factor: float = 1.0  # llama3 scaling: waves longer than original_max_len / this: stretched
+    rope_high_freq_factor: float = 4.0  # llama3 scaling: waves shorter than original_max_len / this: kept
+    rope_original_max_len: int = 8192  # llama3 scaling: the context the model was first trained on
+    hf_path: str = ""  # a Hugging Face checkpoint directory: architecture from its config.json, weights too
     moe: MoEConfig = MoEConfig()
 
     RANGES: typing.ClassVar[Mapping[str, Bound]] = {
@@ -212,6 +222,10 @@ class ModelConfig:
         "softmax_every": COUNT,
         "linear_chunk": COUNT,
         "sliding_window": Bound(low=0, means="0 = every earlier token"),
+        "rope_factor": Bound(low=1, means="llama3 rope scaling: 1 = no stretch"),
+        "rope_low_freq_factor": POSITIVE,
+        "rope_high_freq_factor": POSITIVE,
+        "rope_original_max_len": COUNT,
     }
 
     def __post_init__(self):
@@ -228,6 +242,18 @@ class ModelConfig:
         one_of("model.sequence_parallel", self.sequence_parallel, sequence_lib.VARIANTS)
         one_of("model.mixer", self.mixer, MIXERS)
         one_of("model.linear_gate", self.linear_gate, LINEAR_GATES)
+        one_of("model.rope_scaling", self.rope_scaling, ("none", "llama3"))
+        require(
+            self.mixer == "softmax" or not (self.attention_bias or self.qk_norm),
+            f"model.attention_bias / model.qk_norm belong to softmax attention; model.mixer={self.mixer!r} "
+            "has linear-attention layers. Use mixer 'softmax' or turn them off.",
+        )
+        require(
+            self.rope_scaling != "llama3" or self.rope_high_freq_factor > self.rope_low_freq_factor,
+            f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+            f"model.rope_low_freq_factor={self.rope_low_freq_factor} (llama3 rope blends between "
+            "them).",
+        )
         require(
             not (self.sliding_window and self.mixer == "linear"),
             f"model.sliding_window={self.sliding_window} applies to softmax attention; model.mixer='linear' "
@@ -244,6 +270,8 @@ class ModelConfig:
     def n_params(self) -> int:
         """Parameter count (embeddings included; every expert counted)."""
         attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        attn += self.attention_bias * self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+        attn += self.qk_norm * 2 * self.head_dim
         mlp = 3 * self.d_model * self.d_ff
         if self.moe.experts:
             mlp = (
@@ -332,13 +360,20 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where tokens come from. `stdlib`: the Python standard library's own sources, byte tokens (no
-    download). `text`: local text files matched by `path` (a glob), byte tokens. `tokens`: pre-tokenized
-    flat binary files matched by `path` (numpy `token_dtype`), memory mapped."""
+    """Where tokens come from. `stdlib`: the Python standard library's own sources (no download). `text`:
+    local text files matched by `path` (a glob). Both are byte tokens unless `tokenizer` names a real one
+    (then tokenized in memory at start, EOS after each file). `tokens`: pre-tokenized flat binary files
+    (numpy `token_dtype`), memory mapped: a directory written by scripts/prepare_data.py (or its
+    manifest.json), whose manifest is checked against the model and the tokenizer, or a glob of plain files.
+
+    `tokenizer`: "" (bytes for stdlib/text; for a prepared directory, the tokenizer its manifest names),
+    "bytes", or a tokenizer.json / a directory holding one. The run keeps a copy in <workdir>/tokenizer/,
+    which generation decodes with."""
 
     source: str = "stdlib"
     path: str = ""
     token_dtype: str = "uint16"
+    tokenizer: str = ""
     eval_fraction: float = 0.02
     shuffle: bool = True
     seed: int = 0
@@ -634,8 +669,26 @@ def build_run(cls: type, config: ml_collections.ConfigDict | dict):
 
 
 def from_config_dict(config: ml_collections.ConfigDict | dict) -> RunConfig:
-    """The one boundary from a (user-edited) ConfigDict to typed, validated configs."""
-    return build_run(RunConfig, config)
+    """The one boundary from a (user-edited) ConfigDict to typed, validated configs. With model.hf_path
+    set, the architecture comes from that directory's config.json (see `with_hf_architecture`)."""
+    return build_run(RunConfig, with_hf_architecture(config))
+
+
+def with_hf_architecture(config: ml_collections.ConfigDict | Mapping) -> dict:
+    """`config` as a dict whose model section, when model.hf_path names a Hugging Face checkpoint, has the
+    architecture fields its config.json implies (jaxpar.interop.hf_config.model_fields) in place of the
+    preset's; how the model runs (dtypes, attention_impl, remat, sequence parallel variant, max_seq_len)
+    stays the run's. An unsupported checkpoint is one ConfigError naming its field."""
+    tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    model = dict(tree.get("model") or {})
+    if not model.get("hf_path"):
+        return tree
+    try:
+        fields = hf_config.model_fields(hf_config.read_config(model["hf_path"]), where=model["hf_path"])
+    except hf_config.HFConfigError as error:
+        raise ConfigError(str(error)) from None
+    moe = fields.pop("moe")
+    return tree | {"model": model | fields | {"moe": dict(model.get("moe") or {}) | moe}}
 
 
 def check_override_keys(config: ml_collections.ConfigDict | Mapping, keys: Iterable[str]) -> None:

@@ -38,10 +38,25 @@ class RMSNorm(nnx.Module):
         return rms_norm(x_BTD, self.scale[...], self.eps)
 
 
-def rope(x_BTNH, positions_BT, theta: float):
+def rope_frequencies(cfg: ModelConfig):
+    """The rotary angular frequencies [head_dim // 2], float32: theta^(-i / half), and with
+    rope_scaling="llama3" Llama 3.1's stretch: waves longer than original_max_len / low_freq_factor slowed
+    by rope_factor, shorter than original_max_len / high_freq_factor kept, a linear blend between."""
+    half = cfg.head_dim // 2
+    freqs_F = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if cfg.rope_scaling == "none":
+        return freqs_F
+    wavelength_F = 2 * jnp.pi / freqs_F
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    blend_F = (cfg.rope_original_max_len / wavelength_F - low) / (high - low)
+    blended_F = (1 - blend_F) * freqs_F / cfg.rope_factor + blend_F * freqs_F
+    long_waves_F = wavelength_F > cfg.rope_original_max_len / low
+    short_waves_F = wavelength_F < cfg.rope_original_max_len / high
+    return jnp.where(long_waves_F, freqs_F / cfg.rope_factor, jnp.where(short_waves_F, freqs_F, blended_F))
+
+
+def rope(x_BTNH, positions_BT, freqs_F):
     """Rotary embedding on the two halves of the head dimension (Llama layout)."""
-    half = x_BTNH.shape[-1] // 2
-    freqs_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles_BTF = positions_BT[..., None].astype(jnp.float32) * freqs_F
     sin, cos = jnp.sin(angles_BTF)[:, :, None], jnp.cos(angles_BTF)[:, :, None]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
@@ -49,9 +64,33 @@ def rope(x_BTNH, positions_BT, theta: float):
 
 
 class Attention(nnx.Module):
+    """Grouped-query softmax attention; optional q/k/v biases (Qwen2) and q/k RMSNorm (Qwen3)."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.wq, self.wk, self.wv, self.wo = attention_projections(cfg, rngs)
+        N, K, H, zeros = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, jnp.zeros
+        if cfg.attention_bias:
+            self.bq = nnx.Param(zeros((N, H), cfg.param_dtype), out_sharding=("heads", "head_dim"))
+            self.bk = nnx.Param(zeros((K, H), cfg.param_dtype), out_sharding=("kv_heads", "head_dim"))
+            self.bv = nnx.Param(zeros((K, H), cfg.param_dtype), out_sharding=("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(H, cfg.norm_eps, cfg.param_dtype)
+            self.k_norm = RMSNorm(H, cfg.norm_eps, cfg.param_dtype)
+
+    def _project(self, x_BTD, which: str, positions_BT, heads: str):
+        """`which` of "q", "k", "v" as [B, T, heads, H]: the projection, its bias, then for q and k the
+        norm and RoPE."""
+        cfg = self.cfg
+        w = getattr(self, f"w{which}")
+        y_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, w[...].astype(x_BTD.dtype))
+        if cfg.attention_bias:
+            y_BTNH = y_BTNH + getattr(self, f"b{which}")[...].astype(x_BTD.dtype)
+        if which != "v":
+            if cfg.qk_norm:
+                y_BTNH = getattr(self, f"{which}_norm")(y_BTNH)
+            y_BTNH = rope(y_BTNH, positions_BT, rope_frequencies(cfg))
+        return constrain(y_BTNH, ("batch", "length", heads, "head_dim"))
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None):
         """The attention output [B, T, D]. With a `cache` (a KV cache of this layer, e.g.
@@ -59,16 +98,9 @@ class Attention(nnx.Module):
         values are written into it at positions_BT, the queries attend over it, and the result is
         (output, updated cache)."""
         cfg, dtype = self.cfg, x_BTD.dtype
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq[...].astype(dtype))
-        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk[...].astype(dtype))
-        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv[...].astype(dtype))
-        q_BTNH = constrain(
-            rope(q_BTNH, positions_BT, cfg.rope_theta), ("batch", "length", "heads", "head_dim")
-        )
-        k_BTKH = constrain(
-            rope(k_BTKH, positions_BT, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim")
-        )
-        v_BTKH = constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
+        q_BTNH = self._project(x_BTD, "q", positions_BT, "heads")
+        k_BTKH = self._project(x_BTD, "k", positions_BT, "kv_heads")
+        v_BTKH = self._project(x_BTD, "v", positions_BT, "kv_heads")
         window = cfg.sliding_window or None
         if cache is not None:
             out_BTNH, cache = cache.attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, window=window)

@@ -32,7 +32,7 @@ def route(logits_NE, bias_E, cfg: MoEConfig):
     scores_NE = jax.nn.softmax(logits_NE, axis=-1) if cfg.router == "softmax" else jax.nn.sigmoid(logits_NE)
     _, expert_NK = jax.lax.top_k(scores_NE + bias_E, cfg.top_k)
     weight_NK = jnp.take_along_axis(scores_NE, expert_NK, axis=-1)
-    if cfg.router == "sigmoid" or cfg.top_k > 1:
+    if cfg.router == "sigmoid" or (cfg.top_k > 1 and cfg.normalize_weights):
         weight_NK = weight_NK / jnp.sum(weight_NK, axis=-1, keepdims=True)
     return expert_NK, weight_NK, scores_NE
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxpar.config import ModelConfig, RunConfig
+from jaxpar.interop import hf_weights
 from jaxpar.models.llama import Transformer
 from jaxpar.parallel import rules
 from jaxpar.train import fit, optimizer as optimizer_lib, step as step_lib
@@ -64,6 +65,28 @@ def init_sharded(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh:
         return jax.jit(_init_fn(model_cfg, tx), out_shardings=shardings)(jax.random.key(seed))
 
 
+def load_hf_params(model_cfg: ModelConfig, abstract_params: nnx.State) -> nnx.State:
+    """The parameters of the Hugging Face checkpoint at model_cfg.hf_path, placed like `abstract_params`
+    (ShapeDtypeStructs with shardings)."""
+    params = hf_weights.load_params(model_cfg.hf_path, model_cfg, nnx.to_pure_dict(abstract_params))
+    state = jax.tree.map(lambda leaf: leaf, abstract_params)
+    nnx.replace_by_pure_dict(state, params)
+    return state
+
+
+def init_from_hf(
+    model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, abstract_params, shardings
+):
+    """The initial TrainState with the Hugging Face checkpoint's parameters and a fresh optimizer state."""
+    params = load_hf_params(model_cfg, abstract_params)
+
+    def init(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    with jax.set_mesh(mesh):
+        return jax.jit(init, out_shardings=shardings)(params)
+
+
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int):
     """(graphdef, state, shardings)."""
     graphdef, _, shardings = abstract_state(model_cfg, tx, mesh)
@@ -89,6 +112,10 @@ class TrainProgram:
         return fit.check_fits(self.run, self.mesh, self.abstract, bytes_limit)
 
     def init(self) -> TrainState:
+        """The state at step 0: random parameters, or with model.hf_path the checkpoint's, each device
+        reading only its own shards (jaxpar.interop.hf_weights)."""
+        if self.run.model.hf_path:
+            return init_from_hf(self.run.model, self.tx, self.mesh, self.abstract.params, self.shardings)
         return init_sharded(self.run.model, self.tx, self.mesh, self.shardings, self.run.train.seed)
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:

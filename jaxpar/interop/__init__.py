@@ -1,0 +1,1 @@
+"""Interoperability with other ecosystems' files: Hugging Face config.json and safetensors checkpoints."""

@@ -1,0 +1,304 @@
+"""Hugging Face safetensors <-> jaxpar parameters, tensor by tensor and shard by shard.
+
+Each jaxpar parameter is named `blocks.attn.wq` and friends (layers stacked on a leading axis, experts on
+the next); each maps to one HF tensor per layer (and expert), e.g. `model.layers.{layer}.self_attn.q_proj.
+weight`. A `Tensor` says how: which HF axes split into which jaxpar axes (q_proj's [N*H, D] rows are the
+heads and head_dim) and in which order they appear (a linear layer's HF [out, in] is jaxpar's [in, out]).
+
+Import builds every parameter with `jax.make_array_from_callback`: each device's shard is read from the
+safetensors files as just the rows and columns it holds (safetensors slices lazily from the memory-mapped
+file), so no host or device ever holds more than its shard of a tensor. Export gathers one layer's tensor at
+a time and writes size-capped shards with an index, the layout `transformers` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxpar.interop import hf_config as hf_config_lib
+
+INDEX = "model.safetensors.index.json"
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# Tensors some checkpoints carry that the model recomputes (rotary tables) or shares (a tied lm_head).
+IGNORED = re.compile(r"(.*\.rotary_emb\.inv_freq$)|(^lm_head\.weight$)")
+
+
+class HFWeightsError(ValueError):
+    """Safetensors files that do not hold the model their config.json describes; the message names the
+    file, tensor and shapes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One jaxpar parameter as HF tensors. `name` is a template over {layer} and {expert} (the stacked
+    axes, in that order: `stacked` of them lead the jaxpar array). `groups[i]` are the jaxpar axis sizes HF
+    axis i splits into; `order` lists the HF axes in the order their groups appear in jaxpar."""
+
+    name: str
+    groups: tuple[tuple[int, ...], ...]
+    order: tuple[int, ...]
+    stacked: int = 0
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return tuple(math.prod(group) for group in self.groups)
+
+    def names(self, stack_shape: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], str]]:
+        """((layer[, expert]), HF name) of every HF tensor this parameter is made of."""
+        for index in itertools.product(*(range(n) for n in stack_shape)):
+            yield index, self.name.format(**dict(zip(("layer", "expert"), index)))
+
+    def to_hf(self, core: np.ndarray) -> np.ndarray:
+        """One layer's (and expert's) jaxpar array -> the HF tensor."""
+        axes = _group_axes(self.groups, self.order)
+        inverse = np.argsort([axis for hf_axis in range(len(self.groups)) for axis in axes[hf_axis]])
+        return np.ascontiguousarray(core.transpose(inverse)).reshape(self.hf_shape)
+
+    def read(self, handle, name: str, core_index: tuple[slice, ...]) -> np.ndarray:
+        """The block of one HF tensor that lands on jaxpar's `core_index` (slices, without the stacked
+        axes), read from the file as the contiguous rows / columns that cover it."""
+        axes = _group_axes(self.groups, self.order)
+        hf_index, shape, inner = [], [], []
+        for hf_axis, group in enumerate(self.groups):
+            slices = [core_index[axis] for axis in axes[hf_axis]]
+            stride = math.prod(group[1:])
+            hf_index.append(slice(slices[0].start * stride, slices[0].stop * stride))
+            shape += [slices[0].stop - slices[0].start, *group[1:]]
+            inner += [slice(None), *slices[1:]]
+        block = handle.get_slice(name)[tuple(hf_index)].reshape(shape)[tuple(inner)]
+        # block's axes are the HF groups' axes in HF order; jaxpar wants them in `order`
+        flat = [axis for hf_axis in range(len(self.groups)) for axis in axes[hf_axis]]
+        return block.transpose(np.argsort(flat))
+
+
+def _group_axes(groups, order) -> dict[int, list[int]]:
+    """HF axis -> the jaxpar (core) axes its group occupies."""
+    axes, start = {}, 0
+    for hf_axis in order:
+        axes[hf_axis] = list(range(start, start + len(groups[hf_axis])))
+        start += len(groups[hf_axis])
+    return axes
+
+
+def _linear(name, fan_in, fan_out, stacked=1) -> Tensor:
+    """An nn.Linear weight: HF [out, in], jaxpar [in..., out...]."""
+    return Tensor(name, (fan_out, fan_in), (1, 0), stacked)
+
+
+def _same(name, *groups, stacked=1) -> Tensor:
+    return Tensor(name, groups, tuple(range(len(groups))), stacked)
+
+
+def tensor_map(cfg) -> dict[str, Tensor]:
+    """jaxpar parameter path ('blocks.attn.wq') -> its HF tensors, for a ModelConfig of a supported family."""
+    model_type = hf_config_lib.model_type_of(cfg)
+    V, D, N, K, H, F = cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    layer = "model.layers.{layer}."
+    tensors = {
+        "embed": _same("model.embed_tokens.weight", (V,), (D,), stacked=0),
+        "final_norm.scale": _same("model.norm.weight", (D,), stacked=0),
+        "blocks.attn_norm.scale": _same(layer + "input_layernorm.weight", (D,)),
+        "blocks.mlp_norm.scale": _same(layer + "post_attention_layernorm.weight", (D,)),
+        "blocks.attn.wq": _linear(layer + "self_attn.q_proj.weight", (D,), (N, H)),
+        "blocks.attn.wk": _linear(layer + "self_attn.k_proj.weight", (D,), (K, H)),
+        "blocks.attn.wv": _linear(layer + "self_attn.v_proj.weight", (D,), (K, H)),
+        "blocks.attn.wo": _linear(layer + "self_attn.o_proj.weight", (N, H), (D,)),
+    }
+    if not cfg.tie_embeddings:
+        tensors["unembed"] = _linear("lm_head.weight", (D,), (V,), stacked=0)
+    if cfg.attention_bias:
+        for which, heads in (("q", N), ("k", K), ("v", K)):
+            tensors[f"blocks.attn.b{which}"] = _same(layer + f"self_attn.{which}_proj.bias", (heads, H))
+    if cfg.qk_norm:
+        for which in ("q", "k"):
+            tensors[f"blocks.attn.{which}_norm.scale"] = _same(layer + f"self_attn.{which}_norm.weight", (H,))
+    if not cfg.moe.experts:
+        for ours, theirs, fan_in, fan_out in (
+            ("w_gate", "gate_proj", D, F),
+            ("w_up", "up_proj", D, F),
+            ("w_down", "down_proj", F, D),
+        ):
+            tensors[f"blocks.mlp.{ours}"] = _linear(layer + f"mlp.{theirs}.weight", (fan_in,), (fan_out,))
+        return tensors
+    E, Fe = cfg.moe.experts, cfg.moe.d_ff
+    moe, names = (
+        ("block_sparse_moe.", ("w1", "w3", "w2"))
+        if model_type == "mixtral"
+        else ("mlp.", ("gate_proj", "up_proj", "down_proj"))
+    )
+    tensors["blocks.moe.router"] = _linear(layer + moe + "gate.weight", (D,), (E,))
+    for ours, theirs, fan_in, fan_out in zip(("w_gate", "w_up", "w_down"), names, (D, D, Fe), (Fe, Fe, D)):
+        name = layer + moe + "experts.{expert}." + theirs + ".weight"
+        tensors[f"blocks.moe.{ours}"] = _linear(name, (fan_in,), (fan_out,), stacked=2)
+    return tensors
+
+
+# Parameters with no HF counterpart, created at import (and left out of export): the router's selection bias
+# of bias balancing, zero (and unused) in the families HF has.
+NOT_IN_HF = ("blocks.moe.router_bias",)
+
+
+# --- import ------------------------------------------------------------------------------------------------
+
+
+def _files(directory: str) -> dict[str, str]:
+    """HF tensor name -> the safetensors file holding it (from the index, or every *.safetensors)."""
+    index = os.path.join(directory, INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise HFWeightsError(f"{directory} has no *.safetensors files (and no {INDEX}); nothing to load.")
+    where = {}
+    for file in files:
+        with safe_open(os.path.join(directory, file), framework="numpy") as handle:
+            where |= {name: os.path.join(directory, file) for name in handle.keys()}
+    return where
+
+
+def _flat(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out |= _flat(value, path + ".") if isinstance(value, Mapping) else {path: value}
+    return out
+
+
+def _nested(flat: Mapping[str, object]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def check_tensors(directory: str, cfg, abstract: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, str]:
+    """Every tensor the model needs is in `directory` with the shape the config implies, before any is
+    read; returns tensor name -> file. Extra tensors (other than the known unused ones) are an error too:
+    they mean the checkpoint holds something the model would silently drop."""
+    where = _files(directory)
+    tensors, needed = tensor_map(cfg), set()
+    for path, spec in tensors.items():
+        stack_shape = abstract[path].shape[: spec.stacked]
+        for _, name in spec.names(stack_shape):
+            needed.add(name)
+            if name not in where:
+                raise HFWeightsError(
+                    f"{directory} has no tensor {name!r} (for jaxpar's {path}); is it the "
+                    "checkpoint its config.json describes?"
+                )
+            with safe_open(where[name], framework="numpy") as handle:
+                shape = tuple(handle.get_slice(name).get_shape())
+            if shape != spec.hf_shape:
+                raise HFWeightsError(
+                    f"tensor {name!r} in {where[name]} has shape {list(shape)}; config.json implies "
+                    f"{list(spec.hf_shape)}."
+                )
+    extra = sorted(name for name in set(where) - needed if not IGNORED.match(name))
+    if extra:
+        raise HFWeightsError(
+            f"{directory} holds {len(extra)} tensors the model has no place for, e.g. {extra[:3]}; jaxpar "
+            "would drop them. Check config.json's architecture options."
+        )
+    return where
+
+
+def load_params(directory: str, cfg, abstract: Mapping) -> dict:
+    """The model's parameters as a nested dict of jax.Arrays (nnx pure-dict layout), placed like
+    `abstract` (same layout, ShapeDtypeStructs carrying NamedShardings). Each addressable shard is read on
+    its own from the files; nothing else is materialised."""
+    abstract = _flat(abstract)
+    where = check_tensors(directory, cfg, abstract)
+    tensors = tensor_map(cfg)
+    handles: dict[str, object] = {}
+
+    def handle(name):
+        file = where[name]
+        if file not in handles:
+            handles[file] = safe_open(file, framework="numpy")
+        return handles[file]
+
+    def build(path: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        if path in NOT_IN_HF:
+            return jax.device_put(np.zeros(leaf.shape, leaf.dtype), leaf.sharding)
+        spec = tensors[path]
+
+        def shard(index: tuple[slice, ...]) -> np.ndarray:
+            index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, leaf.shape))
+            stacked, core = index[: spec.stacked], index[spec.stacked :]
+            blocks = []
+            for position in itertools.product(*(range(s.start, s.stop) for s in stacked)):
+                name = spec.name.format(**dict(zip(("layer", "expert"), position)))
+                blocks.append(spec.read(handle(name), name, core))
+            block = np.stack(blocks) if spec.stacked else blocks[0]
+            lengths = tuple(s.stop - s.start for s in stacked)
+            return block.reshape(lengths + block.shape[1 if spec.stacked else 0 :]).astype(leaf.dtype)
+
+        return jax.make_array_from_callback(leaf.shape, leaf.sharding, shard)
+
+    missing = set(abstract) - set(tensors) - set(NOT_IN_HF)
+    if missing:
+        raise HFWeightsError(f"jaxpar parameters {sorted(missing)} have no Hugging Face tensor mapping.")
+    try:
+        return _nested({path: build(path, leaf) for path, leaf in abstract.items()})
+    finally:
+        handles.clear()
+
+
+# --- export ------------------------------------------------------------------------------------------------
+
+
+def save_params(
+    params: Mapping, cfg, directory: str, *, dtype: str = "float32", max_shard_mb: int = 2048
+) -> list[str]:
+    """Writes `params` (nnx pure-dict layout, jax.Arrays anywhere on the mesh) as HF safetensors files of at
+    most max_shard_mb (planned from the shapes first, then written one file at a time, each layer's tensor
+    gathered on its own) plus model.safetensors.index.json. Returns the files written."""
+    flat, tensors = _flat(params), tensor_map(cfg)
+    cast = np.dtype(DTYPES[dtype])
+    plan: list[list[tuple[str, tuple[int, ...], str]]] = [[]]  # per file: (path, layer[, expert], HF name)
+    size, sizes = 0, [0]
+    for path, spec in tensors.items():
+        nbytes = math.prod(spec.hf_shape) * cast.itemsize
+        for position, name in spec.names(flat[path].shape[: spec.stacked]):
+            if sizes[-1] and sizes[-1] + nbytes > max_shard_mb * 2**20:
+                plan.append([])
+                sizes.append(0)
+            plan[-1].append((path, position, name))
+            sizes[-1] += nbytes
+            size += nbytes
+    names = (
+        ["model.safetensors"]
+        if len(plan) == 1
+        else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    )
+    os.makedirs(directory, exist_ok=True)
+    weight_map = {}
+    for file, entries in zip(names, plan):
+        shard = {}
+        for path, position, name in entries:
+            array = flat[path][position] if position else flat[path]
+            shard[name] = tensors[path].to_hf(np.asarray(jax.device_get(array))).astype(cast)
+            weight_map[name] = file
+        save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(directory, INDEX), "w") as f:
+        json.dump(index, f, indent=2)
+    return [*names, INDEX]
