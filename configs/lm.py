@@ -7,6 +7,8 @@ llama_7b  Llama-2-7B shapes (for accelerators; validated and compiled abstractly
 moe_smoke smoke with 8 experts, expert parallel on CPU
 long_smoke  smoke on 1024-token sequences split four ways (ring attention, zigzag layout)
 mixtral_8x7b  Mixtral-8x7B shapes (for accelerators)
+hf        fine-tune a Hugging Face checkpoint: --config.model.hf_path=DIR (architecture, weights and tokenizer
+          from DIR; Llama, Mistral, Qwen2/3, Mixtral, Qwen3-MoE)
 """
 
 import ml_collections
@@ -125,6 +127,16 @@ def mixtral_8x7b(c):
     c.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
 
 
+def hf(c):
+    """The architecture comes from model.hf_path's config.json (jaxpar.config.with_hf_architecture); what
+    is set here is how it fine-tunes: a small learning rate, short warmup, the stdlib corpus tokenized with
+    the checkpoint's tokenizer (set data.* for your own corpus)."""
+    c.model.update(max_seq_len=4096)
+    c.mesh.update(data=-1, fsdp=2, tensor=2)
+    c.train.update(steps=100, global_batch=8, seq_len=256, log_every=10, eval_every=0, checkpoint_every=50)
+    c.optimizer.update(learning_rate=2e-5, warmup_steps=10, weight_decay=0.0)
+
+
 PRESETS = {
     "smoke": smoke,
     "small": small,
@@ -133,6 +145,7 @@ PRESETS = {
     "moe_smoke": moe_smoke,
     "long_smoke": long_smoke,
     "mixtral_8x7b": mixtral_8x7b,
+    "hf": hf,
 }
 
 

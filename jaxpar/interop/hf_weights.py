@@ -63,8 +63,8 @@ class Tensor:
     def to_hf(self, core: np.ndarray) -> np.ndarray:
         """One layer's (and expert's) jaxpar array -> the HF tensor."""
         axes = _group_axes(self.groups, self.order)
-        inverse = np.argsort([axis for hf_axis in range(len(self.groups)) for axis in axes[hf_axis]])
-        return np.ascontiguousarray(core.transpose(inverse)).reshape(self.hf_shape)
+        hf_order = [axis for hf_axis in range(len(self.groups)) for axis in axes[hf_axis]]
+        return np.ascontiguousarray(core.transpose(hf_order)).reshape(self.hf_shape)
 
     def read(self, handle, name: str, core_index: tuple[slice, ...]) -> np.ndarray:
         """The block of one HF tensor that lands on jaxpar's `core_index` (slices, without the stacked
