@@ -76,11 +76,7 @@ def imported(directory: str, mesh_sizes: dict):
     """(model config, parameters as an nnx.State on the mesh, mesh)."""
     cfg = config_lib.from_config_dict({"model": {"hf_path": directory}}).model
     mesh = inference_mesh(mesh_sizes)
-    _, abstract, shardings = build_lib.param_shardings(cfg, mesh)
-    params = build_lib.load_hf_params(
-        cfg,
-        jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings),
-    )
+    params = build_lib.load_hf_params(cfg, mesh)
     return cfg, params, mesh
 
 

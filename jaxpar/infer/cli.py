@@ -1,6 +1,6 @@
 """Flags and main functions behind experiments/generate.py and scripts/serve.py (the scripts stay thin).
 
-Both load a model the same way (--workdir, --step, --mesh) and build the same engine (--slots,
+Both load a model the same way (--workdir or --hf_path, --step, --mesh) and build the same engine (--slots,
 --capacity, --prefill_chunk, --cache_dtype, --attention). Bad input (a workdir without a run, a mesh the
 devices cannot hold, sampling values outside their meaning, a prompt too long) is one line on stderr and
 exit code 1, before anything compiles.
@@ -27,6 +27,7 @@ USER_ERRORS = (ConfigError, CheckpointError, RequestError, SamplingError, ValueE
 
 def define_model_flags() -> None:
     flags.DEFINE_string("workdir", None, "A training run's directory (config.json and checkpoints).")
+    flags.DEFINE_string("hf_path", None, "Or a Hugging Face checkpoint directory (config.json, safetensors).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest intact one).")
     flags.DEFINE_string("mesh", "", "Inference mesh, e.g. 'data=2,tensor=4' (default: one device).")
     flags.DEFINE_integer("slots", 8, "Sequences decoded together (continuous batching).")
@@ -46,7 +47,6 @@ def define_model_flags() -> None:
     flags.DEFINE_string("draft_workdir", None, "speculative=draft: a smaller run with the same vocabulary.")
     flags.DEFINE_integer("num_draft", 4, "speculative=draft: tokens the draft proposes per round.")
     flags.DEFINE_bool("adaptive_draft", False, "speculative=draft: choose 1..num_draft every round.")
-    flags.mark_flag_as_required("workdir")
 
 
 def define_generate_flags() -> None:
@@ -81,7 +81,7 @@ def load_engine(f) -> Engine:
     if (f.speculative == "draft") != (f.draft_workdir is not None):
         raise ConfigError("--speculative=draft and --draft_workdir go together: give both or neither")
     mesh = model_lib.inference_mesh(parse_mesh(f.mesh))
-    model = model_lib.load_workdir(f.workdir, mesh, f.step)
+    model = model_lib.load(f.workdir, f.hf_path, mesh, f.step)
     draft = None if f.draft_workdir is None else model_lib.load_workdir(f.draft_workdir, mesh)
     return Engine(
         model,
@@ -146,8 +146,11 @@ def _requests(f, tokenizer) -> list[tuple[str | list[int], Request]]:
 def generate_main(f) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     try:  # the prompts and sampling values are checked before the weights load
-        prompts = _requests(f, model_lib.tokenizer_for(model_lib.read_run_config(f.workdir)))
+        if f.workdir is not None:  # prompts checked before the weights load
+            prompts = _requests(f, model_lib.tokenizer_for(model_lib.read_run_config(f.workdir), f.workdir))
         engine = load_engine(f)
+        if f.workdir is None:
+            prompts = _requests(f, engine.model.tokenizer)
         for _, request in prompts:
             engine.check(request)
     except USER_ERRORS as error:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from flax import nnx
 
+from jaxpar.data.tokenizer import save_tokenizer_files
 from jaxpar.infer.model import inference_mesh, load_workdir
 from jaxpar.interop import hf_config, hf_weights
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def export_workdir(
@@ -39,11 +37,6 @@ def export_workdir(
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     files.append("config.json")
-    source = getattr(tokenizer, "path", None)
-    if source:
-        folder = source if os.path.isdir(source) else os.path.dirname(source)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(folder, name)):
-                shutil.copy(os.path.join(folder, name), os.path.join(out, name))
-                files.append(name)
+    save_tokenizer_files(tokenizer, out)  # nothing for a byte-level run: transformers has no such tokenizer
+    files += sorted(name for name in os.listdir(out) if name.startswith(("tokenizer", "special_tokens")))
     return {"out": out, "model": model.name, "model_type": config["model_type"], "files": sorted(files)}

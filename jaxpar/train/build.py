@@ -9,6 +9,8 @@ holds the whole model).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable
 
 import jax
@@ -17,11 +19,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxpar.config import ModelConfig, RunConfig
+from jaxpar.config import ConfigError, ModelConfig, RunConfig, from_config_dict
 from jaxpar.interop import hf_weights
+from jaxpar.models import medusa
 from jaxpar.models.llama import Transformer
 from jaxpar.parallel import rules
 from jaxpar.train import fit, optimizer as optimizer_lib, step as step_lib
+from jaxpar.train.checkpoint import Checkpointer
 from jaxpar.train.pipeline import make_pipelined_loss_and_grads
 from jaxpar.train.state import TrainState, state_shardings, with_shardings
 
@@ -65,26 +69,78 @@ def init_sharded(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh:
         return jax.jit(_init_fn(model_cfg, tx), out_shardings=shardings)(jax.random.key(seed))
 
 
-def load_hf_params(model_cfg: ModelConfig, abstract_params: nnx.State) -> nnx.State:
-    """The parameters of the Hugging Face checkpoint at model_cfg.hf_path, placed like `abstract_params`
-    (ShapeDtypeStructs with shardings)."""
-    params = hf_weights.load_params(model_cfg.hf_path, model_cfg, nnx.to_pure_dict(abstract_params))
-    state = jax.tree.map(lambda leaf: leaf, abstract_params)
-    nnx.replace_by_pure_dict(state, params)
-    return state
+def load_hf_params(model_cfg: ModelConfig, mesh: Mesh) -> nnx.State:
+    """The parameters of the Hugging Face checkpoint at model_cfg.hf_path, placed on `mesh` by the rules
+    table, each device reading only its own shards."""
+    _, abstract, shardings = param_shardings(model_cfg, mesh)
+    params = hf_weights.load_params(
+        model_cfg.hf_path, model_cfg, nnx.to_pure_dict(with_shardings(abstract, shardings))
+    )
+    nnx.replace_by_pure_dict(abstract, params)
+    return abstract
 
 
-def init_from_hf(
-    model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, abstract_params, shardings
-):
+def init_from_hf(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, shardings):
     """The initial TrainState with the Hugging Face checkpoint's parameters and a fresh optimizer state."""
-    params = load_hf_params(model_cfg, abstract_params)
+    params = load_hf_params(model_cfg, mesh)
 
     def init(params):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     with jax.set_mesh(mesh):
         return jax.jit(init, out_shardings=shardings)(params)
+
+
+def init_from_run(run: RunConfig, tx: optax.GradientTransformation, mesh: Mesh, shardings) -> TrainState:
+    """The initial TrainState of `run` with the parameters of the newest checkpoint of the training run
+    in run.train.init_from (restored onto `mesh`), a fresh optimizer state, step 0. Parameters the base
+    lacks (Medusa heads: the same model plus a "medusa" subtree) keep their initial values; every base
+    parameter must exist here with the same shape, else a ConfigError names the difference."""
+    base_dir = run.train.init_from
+    path = os.path.join(base_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"train.init_from={base_dir!r}: {path} does not exist; give a training run's workdir."
+        )
+    with open(path) as f:
+        raw = json.load(f)
+    raw.pop("resolved_mesh", None)
+    base = from_config_dict(raw)
+    ours = dataclasses.replace(run.model, medusa_heads=0)
+    theirs = dataclasses.replace(base.model, medusa_heads=0)
+    if jax.tree.map(lambda x: (x.shape, x.dtype), abstract_model(ours)[1]) != jax.tree.map(
+        lambda x: (x.shape, x.dtype), abstract_model(theirs)[1]
+    ):
+        differ = [
+            f"model.{f.name}: base {getattr(theirs, f.name)!r}, here {getattr(ours, f.name)!r}"
+            for f in dataclasses.fields(ModelConfig)
+            if getattr(theirs, f.name) != getattr(ours, f.name)
+        ]
+        raise ConfigError(
+            f"train.init_from={base_dir!r} holds a model of other parameter shapes ({'; '.join(differ)}); "
+            "use the base run's model settings (its config.json)."
+        )
+    _, base_abstract, _ = abstract_state(base.model, optimizer_lib.for_run(base), mesh)
+    checkpointer = Checkpointer(os.path.join(base_dir, "checkpoints"), keep=base.train.keep_checkpoints)
+    try:
+        restored = checkpointer.restore_latest(base_abstract, on_corrupt="stop")
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise ConfigError(f"train.init_from={base_dir!r} has no checkpoint yet; train the base run first.")
+    fresh = init_sharded(run.model, tx, mesh, shardings, run.train.seed).params
+    params = nnx.to_pure_dict(fresh) | {
+        name: value
+        for name, value in nnx.to_pure_dict(restored[1].params).items()
+        if name != medusa.PARAM_NAME
+    }
+    nnx.replace_by_pure_dict(fresh, params)
+
+    def init(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    with jax.set_mesh(mesh):
+        return jax.jit(init, out_shardings=shardings)(fresh)
 
 
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int):
@@ -112,10 +168,13 @@ class TrainProgram:
         return fit.check_fits(self.run, self.mesh, self.abstract, bytes_limit)
 
     def init(self) -> TrainState:
-        """The state at step 0: random parameters, or with model.hf_path the checkpoint's, each device
+        """The state at step 0: random parameters, or with train.init_from a base run's (see
+        `init_from_run`), or with model.hf_path the checkpoint's, each device
         reading only its own shards (jaxpar.interop.hf_weights)."""
+        if self.run.train.init_from:
+            return init_from_run(self.run, self.tx, self.mesh, self.shardings)
         if self.run.model.hf_path:
-            return init_from_hf(self.run.model, self.tx, self.mesh, self.abstract.params, self.shardings)
+            return init_from_hf(self.run.model, self.tx, self.mesh, self.shardings)
         return init_sharded(self.run.model, self.tx, self.mesh, self.shardings, self.run.train.seed)
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
@@ -134,7 +193,7 @@ def build(run: RunConfig, mesh: Mesh) -> TrainProgram:
     """The train and eval steps of `run` on `mesh`: the optimizer and its schedule, the pipelined loss when
     the mesh has pipeline stages, the MoE router's bias balancing when configured."""
     cfg, steps = run.model, run.train.steps
-    tx = optimizer_lib.make_optimizer(run.optimizer, steps)
+    tx = optimizer_lib.for_run(run)  # with Medusa heads: the heads only
     graphdef, abstract, shardings = abstract_state(cfg, tx, mesh)
     pipelined = mesh.shape["pipeline"] > 1
     bias_rate = cfg.moe.bias_update_rate if cfg.moe.experts and cfg.moe.balance == "bias" else 0.0
