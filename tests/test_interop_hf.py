@@ -119,8 +119,8 @@ def test_export_round_trips_to_identical_tensors(saved, tmp_path, dtype):
         out = tmp_path / f"{kind}-{dtype}"
         files = hf_weights.save_params(nnx.to_pure_dict(params), cfg, str(out), dtype=dtype, max_shard_mb=0)
         assert len(files) > 2, "max_shard_mb=0 puts each tensor in a file of its own, with an index"
-        original = hf_weights._files(directory)
-        written = hf_weights._files(str(out))
+        original = hf_weights.tensor_files(directory)
+        written = hf_weights.tensor_files(str(out))
         assert set(written) == {name for name in original if not hf_weights.IGNORED.match(name)} | (
             {"lm_head.weight"} if "lm_head.weight" in original and not cfg.tie_embeddings else set()
         )
@@ -168,4 +168,7 @@ def test_missing_and_misshapen_tensors_are_named_before_reading(saved, tmp_path)
         rf"tensor '{name}' .* has shape \[3\]; config.json implies \[16\]",
     )
     expect(tensors | {"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}, "has no place for")
-    assert os.path.isfile(file)
+    file.write_bytes(file.read_bytes()[:100])  # truncated
+    with pytest.raises(hf_weights.HFWeightsError, match="cannot read .*model.safetensors"):
+        imported(str(directory), {})
+    assert os.path.isfile(file), "nothing in the checkpoint directory is changed or deleted"

@@ -153,32 +153,49 @@ NOT_IN_HF = ("blocks.moe.router_bias",)
 # --- import ------------------------------------------------------------------------------------------------
 
 
-def _files(directory: str) -> dict[str, str]:
+def tensor_files(directory: str) -> dict[str, str]:
     """HF tensor name -> the safetensors file holding it (from the index, or every *.safetensors)."""
     index = os.path.join(directory, INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise HFWeightsError(
+                f"{index} is not a safetensors index ({error!r}); fix or delete it."
+            ) from None
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
         raise HFWeightsError(f"{directory} has no *.safetensors files (and no {INDEX}); nothing to load.")
     where = {}
     for file in files:
-        with safe_open(os.path.join(directory, file), framework="numpy") as handle:
+        with _open(os.path.join(directory, file)) as handle:
             where |= {name: os.path.join(directory, file) for name in handle.keys()}
     return where
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, object]:
+def _open(file: str):
+    """safe_open, with a missing or unreadable file as one HFWeightsError naming it."""
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as error:  # FileNotFoundError, or safetensors' own error for a damaged header
+        raise HFWeightsError(
+            f"cannot read {file}: {error} (missing, truncated or not safetensors)."
+        ) from None
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": x}} -> {"a.b": x}: nnx pure-dict parameters by their dotted path."""
     out = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        out |= _flat(value, path + ".") if isinstance(value, Mapping) else {path: value}
+        out |= flatten(value, path + ".") if isinstance(value, Mapping) else {path: value}
     return out
 
 
-def _nested(flat: Mapping[str, object]) -> dict:
+def unflatten(flat: Mapping[str, object]) -> dict:
+    """The inverse of `flatten`."""
     out: dict = {}
     for path, value in flat.items():
         *parents, leaf = path.split(".")
@@ -193,7 +210,7 @@ def check_tensors(directory: str, cfg, abstract: Mapping[str, jax.ShapeDtypeStru
     """Every tensor the model needs is in `directory` with the shape the config implies, before any is
     read; returns tensor name -> file. Extra tensors (other than the known unused ones) are an error too:
     they mean the checkpoint holds something the model would silently drop."""
-    where = _files(directory)
+    where = tensor_files(directory)
     tensors, needed = tensor_map(cfg), set()
     for path, spec in tensors.items():
         stack_shape = abstract[path].shape[: spec.stacked]
@@ -204,7 +221,7 @@ def check_tensors(directory: str, cfg, abstract: Mapping[str, jax.ShapeDtypeStru
                     f"{directory} has no tensor {name!r} (for jaxpar's {path}); is it the "
                     "checkpoint its config.json describes?"
                 )
-            with safe_open(where[name], framework="numpy") as handle:
+            with _open(where[name]) as handle:
                 shape = tuple(handle.get_slice(name).get_shape())
             if shape != spec.hf_shape:
                 raise HFWeightsError(
@@ -224,7 +241,7 @@ def load_params(directory: str, cfg, abstract: Mapping) -> dict:
     """The model's parameters as a nested dict of jax.Arrays (nnx pure-dict layout), placed like
     `abstract` (same layout, ShapeDtypeStructs carrying NamedShardings). Each addressable shard is read on
     its own from the files; nothing else is materialised."""
-    abstract = _flat(abstract)
+    abstract = flatten(abstract)
     where = check_tensors(directory, cfg, abstract)
     tensors = tensor_map(cfg)
     handles: dict[str, object] = {}
@@ -232,7 +249,7 @@ def load_params(directory: str, cfg, abstract: Mapping) -> dict:
     def handle(name):
         file = where[name]
         if file not in handles:
-            handles[file] = safe_open(file, framework="numpy")
+            handles[file] = _open(file)
         return handles[file]
 
     def build(path: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
@@ -257,7 +274,7 @@ def load_params(directory: str, cfg, abstract: Mapping) -> dict:
     if missing:
         raise HFWeightsError(f"jaxpar parameters {sorted(missing)} have no Hugging Face tensor mapping.")
     try:
-        return _nested({path: build(path, leaf) for path, leaf in abstract.items()})
+        return unflatten({path: build(path, leaf) for path, leaf in abstract.items()})
     finally:
         handles.clear()
 
@@ -271,7 +288,7 @@ def save_params(
     """Writes `params` (nnx pure-dict layout, jax.Arrays anywhere on the mesh) as HF safetensors files of at
     most max_shard_mb (planned from the shapes first, then written one file at a time, each layer's tensor
     gathered on its own) plus model.safetensors.index.json. Returns the files written."""
-    flat, tensors = _flat(params), tensor_map(cfg)
+    flat, tensors = flatten(params), tensor_map(cfg)
     cast = np.dtype(DTYPES[dtype])
     plan: list[list[tuple[str, tuple[int, ...], str]]] = [[]]  # per file: (path, layer[, expert], HF name)
     size, sizes = 0, [0]
