@@ -5,9 +5,10 @@ the next); each maps to one HF tensor per layer (and expert), e.g. `model.layers
 weight`. A `Tensor` says how: which HF axes split into which jaxpar axes (q_proj's [N*H, D] rows are the
 heads and head_dim) and in which order they appear (a linear layer's HF [out, in] is jaxpar's [in, out]).
 
-Import builds every parameter with `jax.make_array_from_callback`: each device's shard is read from the
-safetensors files as just the rows and columns it holds (safetensors slices lazily from the memory-mapped
-file), so no host or device ever holds more than its shard of a tensor. Export gathers one layer's tensor at
+Import builds every parameter shard by shard: each device's block is read from the safetensors files as
+just the rows and columns it holds (safetensors slices lazily from the memory-mapped file) and placed on
+that device before the next is read, so beyond the placed arrays the host holds one block at a time and no
+device holds more than its shard. Export gathers one layer's tensor at
 a time and writes size-capped shards with an index, the layout `transformers` loads.
 """
 
@@ -268,7 +269,11 @@ def load_params(directory: str, cfg, abstract: Mapping) -> dict:
             lengths = tuple(s.stop - s.start for s in stacked)
             return block.reshape(lengths + block.shape[1 if spec.stacked else 0 :]).astype(leaf.dtype)
 
-        return jax.make_array_from_callback(leaf.shape, leaf.sharding, shard)
+        # Shard by shard: each block goes to its device before the next is read, so the host holds one
+        # device's block at a time (make_array_from_callback would hold every device's block at once).
+        devices = leaf.sharding.addressable_devices_indices_map(leaf.shape)
+        blocks = [jax.device_put(shard(index), device) for device, index in devices.items()]
+        return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, blocks)
 
     missing = set(abstract) - set(tensors) - set(NOT_IN_HF)
     if missing:
