@@ -16,9 +16,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxpar.config import ConfigError, ModelConfig, RunConfig, from_config_dict
-from jaxpar.infer.text import ByteTokenizer
+from jaxpar.data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 from jaxpar.parallel.mesh import make_mesh
-from jaxpar.train import build as build_lib, optimizer as optimizer_lib
+from jaxpar.train import build as build_lib, data as data_lib, optimizer as optimizer_lib
 from jaxpar.train.checkpoint import Checkpointer, CheckpointError
 
 BYTE_SOURCES = ("stdlib", "text")
@@ -81,7 +81,7 @@ def read_run_config(workdir: str) -> RunConfig:
 def load_workdir(workdir: str, mesh: Mesh, step: int | None = None) -> LoadedModel:
     """The parameters of a training run's checkpoint (newest intact, or `step`) placed on `mesh`."""
     run = read_run_config(workdir)
-    tx = optimizer_lib.make_optimizer(run.optimizer, run.train.steps)
+    tx = optimizer_lib.for_run(run)
     _, abstract, _ = build_lib.abstract_state(run.model, tx, mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.train.keep_checkpoints)
     try:
@@ -100,10 +100,46 @@ def load_workdir(workdir: str, mesh: Mesh, step: int | None = None) -> LoadedMod
     cfg = inference_config(run.model)
     graphdef, _ = build_lib.abstract_model(cfg)
     name = f"{os.path.basename(os.path.normpath(workdir))}@{step}"
-    return LoadedModel(cfg, graphdef, state.params, mesh, tokenizer_for(run), name)
+    tokenizer = tokenizer_for(run, workdir)
+    stop = getattr(tokenizer, "stop_token_ids", ())
+    return LoadedModel(cfg, graphdef, state.params, mesh, tokenizer, name, stop_token_ids=stop)
 
 
-def tokenizer_for(run: RunConfig):
-    """The tokenizer a run trained with: bytes for the stdlib and text corpora; None (ids only) for a
-    pre-tokenized corpus."""
+def load_hf(directory: str, mesh: Mesh) -> LoadedModel:
+    """A Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json) placed on `mesh`,
+    each device reading only its own shards; token ids only when the directory has no tokenizer."""
+    run = from_config_dict({"model": {"hf_path": directory}})
+    cfg = inference_config(run.model)
+    graphdef, _ = build_lib.abstract_model(cfg)
+    params = build_lib.load_hf_params(cfg, mesh)
+    tokenizer = tokenizer_for(run) if run.data.tokenizer else None
+    stop = getattr(tokenizer, "stop_token_ids", ())
+    name = os.path.basename(os.path.normpath(directory))
+    return LoadedModel(cfg, graphdef, params, mesh, tokenizer, name, stop_token_ids=stop)
+
+
+def load(workdir: str | None, hf_path: str | None, mesh: Mesh, step: int | None = None) -> LoadedModel:
+    """A training run (`workdir`, at `step` or its newest checkpoint) or a Hugging Face directory: exactly
+    one of the two."""
+    if (workdir is None) == (hf_path is None):
+        raise ConfigError(
+            "give exactly one of --workdir (a jaxpar run) and --hf_path (a Hugging Face directory)"
+        )
+    return load_workdir(workdir, mesh, step) if workdir is not None else load_hf(hf_path, mesh)
+
+
+def tokenizer_for(run: RunConfig, workdir: str | None = None):
+    """The tokenizer a run trained with: the one it recorded in `workdir` (its hash checked); else
+    data.tokenizer's; else bytes for the stdlib and text corpora and None (ids only) for a pre-tokenized
+    corpus."""
+    recorded = None if workdir is None else data_lib.workdir_tokenizer(workdir)
+    if recorded is not None:
+        return recorded
+    if run.data.tokenizer:
+        try:
+            return load_tokenizer(run.data.tokenizer)
+        except TokenizerError as error:
+            raise ConfigError(
+                f"the run's data.tokenizer={run.data.tokenizer!r} cannot be loaded here: {error}"
+            ) from None
     return ByteTokenizer() if run.data.source in BYTE_SOURCES else None

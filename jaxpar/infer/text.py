@@ -1,8 +1,8 @@
-"""Text in and out of token ids: the byte tokenizer of byte-level runs, and incremental detokenisation with
-stop strings.
+"""Text in and out of token ids: incremental detokenisation with stop strings, and chat templates.
 
 A tokenizer here is anything with `encode(text) -> list[int]` and `decode(ids) -> str` (and optionally
-`chat_template`, `stop_token_ids`); Hugging Face tokenizers plug in through jaxpar.interop when it lands.
+`chat_template`, `stop_token_ids`): jaxpar.data.tokenizer's ByteTokenizer (byte-level runs) and
+HFTokenizer (a Hugging Face tokenizer.json).
 """
 
 from __future__ import annotations
@@ -12,19 +12,9 @@ import functools
 import jinja2
 import jinja2.sandbox
 
+from jaxpar.data.tokenizer import ByteTokenizer, HFTokenizer
 
-class ByteTokenizer:
-    """The tokens of jaxpar's byte-level corpora (data.source stdlib / text): token id = byte value."""
-
-    vocab_size = 256
-    chat_template = None
-    stop_token_ids: tuple[int, ...] = ()
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+__all__ = ["ByteTokenizer", "HFTokenizer", "TextStream", "apply_chat_template"]
 
 
 class TextStream:

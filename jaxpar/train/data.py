@@ -9,8 +9,10 @@ batch needs. Because every stage before packing is an index lookup in a grain `M
 iterator's state is a handful of integers: JSON-serialisable, and restoring it replays exactly the same
 batches.
 
-Documents: for `stdlib` and `text` each file is one document of byte tokens. A `tokens` file is a flat
-stream with no document boundaries we could know about, so it is cut into documents of
+Documents: for `stdlib` and `text` each file is one document of byte tokens, or, with a real tokenizer
+(data.tokenizer), of its ids followed by EOS, tokenized in memory when the iterator is built (for corpora
+of more than a few hundred MB, prepare them once with scripts/prepare_data.py instead). A `tokens` file is
+a flat stream with no document boundaries we could know about, so it is cut into documents of
 `TOKEN_DOC_LEN` tokens; this gives the train/eval split something finer than whole files to work with
 (a corpus is often a single file). A document of L tokens has L - 1 next-token pairs; it is cut into
 chunks of `seq_len` pairs (seq_len + 1 tokens, consecutive chunks share one token, so no pair is lost)
@@ -19,6 +21,14 @@ plus a shorter remainder, and each chunk becomes its own segment in a packed row
 Split: documents are ranked by a hash of a stable name (path relative to the corpus root, plus block
 index for `tokens`); the lowest `eval_fraction` of them, at least one and never all, form `eval`. The
 split ignores `seed`, so evaluation losses stay comparable across runs.
+
+Prepared corpora (data.path a directory written by scripts/prepare_data.py, or its manifest.json): the
+shards come from the manifest, which is checked before anything compiles: its dtype against
+data.token_dtype, its shards' sizes, its tokenizer's hash against data.tokenizer's, and its vocabulary
+against model.vocab_size (the manifest records the largest id, so no token is scanned).
+
+The run's tokenizer (`run_tokenizer`) is recorded in <workdir>/tokenizer/ (`record_tokenizer`): its files
+and a record of its hash, which generation reads back (`workdir_tokenizer`) to decode with.
 """
 
 from __future__ import annotations
@@ -27,28 +37,35 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import json
+import logging
 import os
-import sysconfig
 
 import grain
 import numpy as np
 
 from jaxpar.config import ConfigError, DataConfig
+from jaxpar.data import corpus as corpus_lib, tokenizer as tokenizer_lib
+from jaxpar.data.tokenizer import ByteTokenizer, Tokenizer
 
 BYTE_VOCAB = 256
+_log = logging.getLogger(__name__)
 TOKEN_DOC_LEN = 1 << 16
+# A prepared corpus smaller than this many TOKEN_DOC_LEN blocks is cut into this many (of at least
+# MIN_BLOCK tokens), so that a small corpus still has documents for the train/eval split.
+MIN_BLOCKS, MIN_BLOCK = 64, 1024
 # Rows are packed in groups of this many bins; more bins give remainder chunks more places to fit
 # (less padding) at a cost linear in the bin count per packed chunk.
 NUM_PACKING_BINS = 64
-# Test suites dominate the stdlib by size (and hold odd data such as encoding tables); without them and
-# without installed packages the corpus is ~12 MB of ordinary library code.
-_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 _GLOB_MAGIC = frozenset("*?[")
 # Tokens per read when scanning ids against the vocabulary: 16-32 MB at a time, so memory stays flat.
 SCAN_TOKENS = 1 << 23
 # A uint16 file with a zero at every odd position is uint32 ids read as uint16 (their high halves); this
 # many tokens make a false alarm on real text impossible in practice.
 _MIN_TOKENS_FOR_DTYPE_GUESS = 1024
+BYTE_SOURCES = ("stdlib", "text")
+TOKENIZER_DIR = "tokenizer"  # in the workdir
+TOKENIZER_RECORD = "jaxpar_tokenizer.json"  # in TOKENIZER_DIR: which tokenizer the run used (its sha256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +78,86 @@ class _Corpus:
     doc_start: np.ndarray  # [n_docs] offset of the first token in its file
     doc_len: np.ndarray  # [n_docs] tokens, each >= 2 so every document has a next-token pair
     doc_key: list[str]  # stable name that decides the train/eval split
+    arrays: tuple[np.ndarray, ...] | None = None  # each file's ids, where tokenized in memory
 
 
-def _stdlib_files() -> tuple[str, list[str]]:
-    root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if d not in _STDLIB_SKIP_DIRS]
-        paths += [os.path.join(directory, f) for f in files if f.endswith(".py")]
-    return root, sorted(paths)
+@functools.lru_cache(maxsize=4)
+def _tokenizer_at(spec: str, stamp: tuple) -> Tokenizer:
+    del stamp  # part of the cache key only: a tokenizer.json rewritten in place is loaded again
+    try:
+        return tokenizer_lib.load_tokenizer(spec)
+    except tokenizer_lib.TokenizerError as error:
+        raise ConfigError(f"data.tokenizer={spec!r}: {error}") from None
+
+
+def _load_tokenizer(spec: str) -> Tokenizer:
+    try:
+        stat = os.stat(tokenizer_lib.tokenizer_file(spec)) if spec not in ("", tokenizer_lib.BYTES) else None
+    except tokenizer_lib.TokenizerError as error:
+        raise ConfigError(f"data.tokenizer={spec!r}: {error}") from None
+    return _tokenizer_at(spec, stat and (stat.st_size, stat.st_mtime_ns))
+
+
+def _manifest(cfg: DataConfig) -> dict | None:
+    """The checked manifest of a prepared corpus (data.path a prepared directory or its manifest.json);
+    None for a glob of plain token files and for the byte sources."""
+    path = corpus_lib.manifest_path(cfg.path) if cfg.source == "tokens" else None
+    if path is None:
+        return None
+    try:
+        manifest = corpus_lib.read_manifest(path)
+    except corpus_lib.CorpusError as error:
+        raise ConfigError(f"data.path={cfg.path!r}: {error}") from None
+    if manifest["dtype"] != cfg.token_dtype:
+        raise ConfigError(
+            f"data.token_dtype={cfg.token_dtype!r}, but the prepared corpus {path!r} holds "
+            f"{manifest['dtype']} tokens (vocabulary {manifest['vocab_size']}); set "
+            f"--config.data.token_dtype={manifest['dtype']}."
+        )
+    recorded = manifest["tokenizer"]
+    mine = _load_tokenizer(cfg.tokenizer).sha256 if cfg.tokenizer else None
+    if mine is not None and mine != recorded.get("sha256"):
+        raise ConfigError(
+            f"data.tokenizer={cfg.tokenizer!r} (sha256 {mine[:16]}...) is not "
+            f"the tokenizer that wrote the prepared corpus {path!r}: {recorded.get('spec')!r} (sha256 "
+            f"{str(recorded.get('sha256'))[:16]}...); its ids would mean other text. Set "
+            f"--config.data.tokenizer={recorded.get('spec')!r} (or leave it empty to use the manifest's), or "
+            "prepare the corpus again with this tokenizer."
+        )
+    manifest["manifest_path"] = path
+    return manifest
+
+
+def run_tokenizer(cfg: DataConfig) -> Tokenizer | None:
+    """The tokenizer of the run's ids: data.tokenizer when set; else bytes for stdlib/text, the tokenizer a
+    prepared corpus's manifest names (if it still loads, with the recorded hash), None (ids only) for
+    plain token files."""
+    if cfg.tokenizer:
+        return _load_tokenizer(cfg.tokenizer)
+    if cfg.source in BYTE_SOURCES:
+        return ByteTokenizer()
+    manifest = _manifest(cfg)
+    return None if manifest is None else corpus_lib.manifest_tokenizer(manifest)
+
+
+_TOKENIZED: dict = {}  # the newest in-memory tokenization only: (tokenizer hash, file stats) -> arrays
+
+
+def _tokenized(tokenizer: Tokenizer, paths: list[str]) -> tuple[np.ndarray, ...]:
+    """Each file's text (UTF-8, undecodable bytes replaced) tokenized, EOS appended; cached, since the
+    train and eval iterators and the checks each build the corpus."""
+    key = (tokenizer.sha256, tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths))
+    if key not in _TOKENIZED:
+        texts = []
+        for path in paths:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+        dtype = corpus_lib.token_dtype(tokenizer.vocab_size)
+        eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+        arrays = tuple(np.array(ids + eos, dtype=dtype) for ids in tokenizer.encode_batch(texts))
+        _TOKENIZED.clear()
+        _TOKENIZED[key] = arrays
+    return _TOKENIZED[key]
 
 
 def _glob_root(pattern: str) -> str:
@@ -82,28 +170,42 @@ def _glob_root(pattern: str) -> str:
 
 
 def _corpus(cfg: DataConfig) -> _Corpus:
+    manifest = _manifest(cfg)
     if cfg.source == "stdlib":
-        root, paths = _stdlib_files()
+        root, paths = corpus_lib.stdlib_files()
         where = f"the standard library under {root!r}"
+    elif manifest is not None:
+        root, paths = os.path.dirname(manifest["manifest_path"]), manifest["paths"]
+        where = f"data.path={cfg.path!r} (the prepared corpus {manifest['manifest_path']!r})"
     else:
         root = _glob_root(cfg.path)
         paths = sorted(p for p in glob.glob(cfg.path, recursive=True) if os.path.isfile(p))
         where = f"data.path={cfg.path!r}"
+    if not paths and cfg.source == "tokens" and os.path.isdir(cfg.path):
+        raise ConfigError(
+            f"data.path={cfg.path!r} is a directory without the {corpus_lib.MANIFEST} that "
+            "scripts/prepare_data.py writes; point data.path at a prepared directory, or at a glob of flat "
+            f"token files such as {os.path.join(cfg.path, '*.bin')!r}."
+        )
     if not paths:
         raise ConfigError(
             f"{where} matches no files (data.source={cfg.source!r}); set data.path to a glob of existing "
             "files, e.g. --config.data.path='/data/**/*.txt' (** reaches into subdirectories)."
         )
     dtype = np.dtype(cfg.token_dtype if cfg.source == "tokens" else np.uint8)
+    token_block = TOKEN_DOC_LEN
+    if manifest is not None:
+        token_block = min(TOKEN_DOC_LEN, max(MIN_BLOCK, -(-manifest["tokens"] // MIN_BLOCKS)))
+    tokenizer = run_tokenizer(cfg) if cfg.source in BYTE_SOURCES else None
+    arrays = None
+    if tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):
+        for path in paths:
+            _readable(path, where)
+        arrays = _tokenized(tokenizer, paths)
+        dtype = arrays[0].dtype
     doc_file, doc_start, doc_len, doc_key = [], [], [], []
     for file_id, path in enumerate(paths):
-        try:
-            with open(path, "rb"):
-                size = os.path.getsize(path)
-        except OSError as err:
-            raise ConfigError(
-                f"data file {path!r} cannot be read ({err}); fix its permissions or narrow {where}."
-            ) from err
+        size = _readable(path, where) if arrays is None else arrays[file_id].nbytes
         if size % dtype.itemsize:
             raise ConfigError(
                 f"token file {path!r} has {size} bytes, not a multiple of {dtype.itemsize} "
@@ -111,7 +213,7 @@ def _corpus(cfg: DataConfig) -> _Corpus:
                 "with, or replace the file if it is truncated."
             )
         n_tokens = size // dtype.itemsize
-        block = TOKEN_DOC_LEN if cfg.source == "tokens" else max(n_tokens, 1)  # max: range() needs a step
+        block = token_block if cfg.source == "tokens" else max(n_tokens, 1)  # max: range() needs a step
         name = os.path.relpath(path, root)
         for start in range(0, n_tokens, block):
             length = min(block, n_tokens - start)
@@ -125,7 +227,18 @@ def _corpus(cfg: DataConfig) -> _Corpus:
             f"{where} holds {len(doc_len)} document(s) of at least 2 tokens; the train/eval split needs at "
             "least 2. Add files, or point data.path at a larger corpus."
         )
-    return _Corpus(paths, dtype, np.array(doc_file), np.array(doc_start), np.array(doc_len), doc_key)
+    return _Corpus(paths, dtype, np.array(doc_file), np.array(doc_start), np.array(doc_len), doc_key, arrays)
+
+
+def _readable(path: str, where: str) -> int:
+    """The file's size in bytes; ConfigError if it cannot be opened."""
+    try:
+        with open(path, "rb"):
+            return os.path.getsize(path)
+    except OSError as err:
+        raise ConfigError(
+            f"data file {path!r} cannot be read ({err}); fix its permissions or narrow {where}."
+        ) from err
 
 
 def check_data(cfg: DataConfig) -> None:
@@ -158,8 +271,28 @@ def check_token_ids(cfg: DataConfig, vocab_size: int, chunk_tokens: int = SCAN_T
     """ConfigError before anything compiles if a `tokens` file holds an id >= `vocab_size` (the embedding
     lookup would read NaN and the run would stop at step 1) or looks written with another dtype than
     data.token_dtype. Reads every token once, `chunk_tokens` at a time (numpy max over a memmap: about a
-    second per GB from the page cache). Byte sources need no scan: their ids are < 256 <= vocab_size."""
-    if cfg.source != "tokens":
+    second per GB from the page cache). Byte sources need no scan: their ids are < 256 <= vocab_size;
+    nor do tokenized text (< the tokenizer's vocabulary) and prepared corpora (the manifest records the
+    largest id). ConfigError too if the run's tokenizer has more tokens than `vocab_size`."""
+    manifest = _manifest(cfg)
+    if manifest is not None:
+        path, largest = manifest["manifest_path"], max(manifest["vocab_size"] - 1, manifest["max_token_id"])
+        if largest >= vocab_size:
+            raise ConfigError(
+                f"the prepared corpus {path!r} holds token ids up to {manifest['max_token_id']} from a "
+                f"tokenizer of {manifest['vocab_size']} tokens, but model.vocab_size={vocab_size}: "
+                f"ids must be < vocab_size. Set --config.model.vocab_size to at least {largest + 1} (a "
+                "multiple of 128 suits the hardware), or prepare the corpus with a smaller tokenizer."
+            )
+    tokenizer = run_tokenizer(cfg)
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise ConfigError(
+            f"the run's tokenizer {tokenizer.name!r} (data.tokenizer={cfg.tokenizer!r}) has "
+            f"{tokenizer.vocab_size} tokens, but model.vocab_size={vocab_size}; set "
+            f"--config.model.vocab_size to at least {tokenizer.vocab_size} (a multiple of 128 suits the "
+            "hardware)."
+        )
+    if cfg.source != "tokens" or manifest is not None:
         return
     corpus = _corpus(cfg)  # also: sizes that are not a multiple of the dtype's
     dtype = corpus.dtype
@@ -191,8 +324,91 @@ def check_token_ids(cfg: DataConfig, vocab_size: int, chunk_tokens: int = SCAN_T
 
 
 def vocab_size(cfg: DataConfig) -> int | None:
-    """256 for byte sources; None for `tokens`, whose vocabulary only the model config knows."""
-    return None if cfg.source == "tokens" else BYTE_VOCAB
+    """The run's tokenizer's vocabulary (256 for bytes); None for plain token files without a tokenizer,
+    whose vocabulary only the model config knows."""
+    tokenizer = run_tokenizer(cfg)
+    if tokenizer is not None:
+        return tokenizer.vocab_size
+    manifest = _manifest(cfg)
+    return None if manifest is None else manifest["vocab_size"]
+
+
+def record_tokenizer(cfg: DataConfig, workdir: str, write: bool = True) -> None:
+    """<workdir>/tokenizer/: the run's tokenizer files and TOKENIZER_RECORD (its spec and sha256), for
+    generation and export. ConfigError if the workdir was trained with another tokenizer (a resumed run
+    whose ids would mean other text). `write`: False on all but one process of a multi-process job."""
+    tokenizer = run_tokenizer(cfg)
+    if tokenizer is None:
+        manifest = _manifest(cfg)
+        if manifest is not None and write:
+            _log.warning(
+                "the tokenizer %r that wrote %s is gone or changed; this run records none, so generation "
+                "takes token ids only. Set data.tokenizer to a copy of it to record it.",
+                manifest["tokenizer"].get("spec"),
+                manifest["manifest_path"],
+            )
+        return
+    previous = _read_record(workdir)
+    if previous is not None and previous["sha256"] != tokenizer.sha256:
+        raise ConfigError(
+            f"workdir {workdir!r} was trained with tokenizer {previous.get('spec')!r} (sha256 "
+            f"{previous['sha256'][:16]}...), this run's is {tokenizer.name!r} (sha256 "
+            f"{tokenizer.sha256[:16]}...): "
+            "its checkpoints' ids mean other text. Set data.tokenizer back, or give this run a new --workdir."
+        )
+    if not write:
+        return
+    out = os.path.join(workdir, TOKENIZER_DIR)
+    tokenizer_lib.save_tokenizer_files(tokenizer, out)
+    os.makedirs(out, exist_ok=True)
+    record = {
+        "spec": corpus_lib.tokenizer_spec(tokenizer),
+        "sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "bos_id": tokenizer.bos_id,
+    }
+    with open(os.path.join(out, TOKENIZER_RECORD + ".tmp"), "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(os.path.join(out, TOKENIZER_RECORD + ".tmp"), os.path.join(out, TOKENIZER_RECORD))
+
+
+def _read_record(workdir: str) -> dict | None:
+    path = os.path.join(workdir, TOKENIZER_DIR, TOKENIZER_RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not isinstance(record.get("sha256"), str) or "spec" not in record:
+            raise ValueError("no sha256 / spec")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"{path!r} is unreadable ({error!r}); delete it and rerun training to rewrite it."
+        ) from None
+    return record
+
+
+def workdir_tokenizer(workdir: str) -> Tokenizer | None:
+    """The tokenizer a training run recorded in its workdir (`record_tokenizer`), checked against its
+    recorded hash; None where the run recorded none (ids only, or a run from before the record)."""
+    record = _read_record(workdir)
+    if record is None:
+        return None
+    if record["spec"] == tokenizer_lib.BYTES:
+        return ByteTokenizer()
+    path = os.path.join(workdir, TOKENIZER_DIR)
+    try:
+        tokenizer = tokenizer_lib.HFTokenizer(path)
+    except tokenizer_lib.TokenizerError as error:
+        raise ConfigError(f"the run's tokenizer copy is unusable: {error}") from None
+    if tokenizer.sha256 != record["sha256"]:
+        raise ConfigError(
+            f"{path}/{tokenizer_lib.TOKENIZER_FILE} (sha256 {tokenizer.sha256[:16]}...) is not the "
+            f"tokenizer the run trained with (sha256 {record['sha256'][:16]}..., from {record['spec']!r}); "
+            f"copy that tokenizer's files into {path}."
+        )
+    return tokenizer
 
 
 def _split_docs(corpus: _Corpus, eval_fraction: float, split: str) -> np.ndarray:
@@ -227,15 +443,17 @@ def _read_chunk(
     files: np.ndarray,
     starts: np.ndarray,
     lengths: np.ndarray,
+    arrays: tuple[np.ndarray, ...] | None = None,
 ) -> dict[str, np.ndarray]:
-    # A fresh memmap per read holds no file descriptor between reads: a corpus can have thousands of files.
-    tokens = np.memmap(
-        paths[files[index]],
-        dtype=dtype,
-        mode="r",
-        offset=int(starts[index]) * dtype.itemsize,
-        shape=(int(lengths[index]),),
-    )
+    start, length = int(starts[index]), int(lengths[index])
+    if arrays is not None:
+        tokens = arrays[files[index]][start : start + length]
+    else:
+        # A fresh memmap per read holds no file descriptor between reads: a corpus can have thousands of
+        # files.
+        tokens = np.memmap(
+            paths[files[index]], dtype=dtype, mode="r", offset=start * dtype.itemsize, shape=(length,)
+        )
     tokens = tokens.astype(np.int32)
     return {"inputs": tokens[:-1], "targets": tokens[1:]}
 
@@ -296,7 +514,13 @@ def make_batches(
         chunks = chunks.repeat()
     chunks = chunks.map(
         functools.partial(
-            _read_chunk, paths=corpus.paths, dtype=corpus.dtype, files=files, starts=starts, lengths=lengths
+            _read_chunk,
+            paths=corpus.paths,
+            dtype=corpus.dtype,
+            files=files,
+            starts=starts,
+            lengths=lengths,
+            arrays=corpus.arrays,
         )
     )
     # Reads are small local memmaps: grain's default 16 reader threads and 500-chunk buffer made batches

@@ -170,6 +170,7 @@ def _train(run: RunConfig, workdir: str) -> dict:
         process_count=jax.process_count(),
     )
     data.check_token_ids(run.data, run.model.vocab_size)  # an id past the vocabulary would be NaN at step 1
+    data.record_tokenizer(run.data, workdir, write=jax.process_index() == 0)  # what generation decodes with
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(mesh_sizes)
     program = build_lib.build(run, mesh)
