@@ -3,11 +3,15 @@
   python experiments/train_marl.py --config=configs/marl.py:ippo_spread --workdir=/tmp/marl
   python experiments/train_marl.py --config=configs/marl.py:ippo_spread --workdir=/tmp/marl --mode=eval
 
-Rerunning training with the same --workdir resumes from its latest checkpoint. The workdir gets
+A relative --config path that does not exist from the working directory is read from the repository, so
+these commands work from any directory. Rerunning training with the same --workdir resumes from its
+latest checkpoint. The workdir gets
 metrics.jsonl, tensorboard/, checkpoints/, config.json and learning_curve.png; eval mode rolls out the
-latest checkpoint and writes eval.json and eval.gif.
+latest checkpoint of every seed (sampled and greedy actions; mean +- std over seeds) and writes eval.json
+and eval.gif.
 """
 
+import statistics
 import sys
 
 from absl import app, flags, logging
@@ -16,8 +20,8 @@ from ml_collections import config_flags
 from jaxpar.config import ConfigError
 from jaxpar.launch import cli
 from jaxpar.launch.distributed import maybe_initialize
-from jaxpar.rl.config import from_config_dict
-from jaxpar.rl.loop import evaluate, train
+from jaxpar.rl.config import from_config_dict, resolve_config_argv
+from jaxpar.rl.loop import eval_summary, evaluate, train
 from jaxpar.train.checkpoint import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,7 +43,8 @@ def main(argv):
         run = from_config_dict(_CONFIG.value)
         if _MODE.value == "eval":
             result = evaluate(run, _WORKDIR.value)
-            print("eval:", result)
+            print(eval_summary(result))
+            print(f"wrote {_WORKDIR.value}/eval.json" + (f" and {result['gif']}" if result["gif"] else ""))
             return
         final = train(run, _WORKDIR.value)
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
@@ -48,8 +53,19 @@ def main(argv):
         "final:",
         {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items() if not isinstance(v, list)},
     )
+    seeds = [x for x in final.get("return_per_seed", []) if x is not None]
+    if seeds:
+        print(
+            f"return per agent per episode at update {final['step']}: {statistics.mean(seeds):.2f} +- "
+            f"{statistics.pstdev(seeds):.2f} (std over {len(seeds)} seed(s)); curves: "
+            f"{_WORKDIR.value}/learning_curve.png, metrics.jsonl"
+        )
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv = resolve_config_argv(sys.argv)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
     cli.check_config_flags()  # a misspelled --config.KEY: one line, before absl's flag parser
     app.run(main)

@@ -78,14 +78,21 @@ def test_same_metrics_on_1_and_8_devices():
 
 def test_whole_run_program_equals_chunked_calls():
     """The purejaxrl form (init + every update of every seed in one jitted program) is the same run as
-    the host loop's chunks of updates, bit for bit."""
-    run = smoke(train=dict(num_seeds=2, total_env_steps=64 * 25 * 4))
+    the host loop's chunks of updates, bit for bit, also when the last chunk is shorter: 5 updates in
+    calls of 2, 2 and 1 of ONE compiled program (its update count is an argument)."""
+    run = smoke(train=dict(num_seeds=2, total_env_steps=64 * 25 * 5))
     ppo = loop.build(run)
-    _, whole = ppo.make_train()(ppo.seed_keys())
-    states, first = ppo.run_updates(2)(ppo.init_states())
-    _, second = ppo.run_updates(2)(states)
+    final, whole = ppo.make_train()(ppo.seed_keys())
+    step, states, chunks = ppo.run_updates(2), ppo.init_states(), []
+    for count in (2, 2, 1):
+        states, metrics = step(states, count)
+        chunks.append(jax.tree.map(lambda x: np.asarray(x)[:count], metrics))
+    assert list(ppo.compile_s) == [2]
     for key in whole:
-        np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]), err_msg=key)
+        np.testing.assert_array_equal(whole[key], np.concatenate([c[key] for c in chunks]), err_msg=key)
+    jax.tree.map(np.testing.assert_array_equal, final.train.params, states.train.params)
+    with pytest.raises(ValueError, match="count=3 .* 1 to 2"):
+        step(states, 3)
 
 
 def test_resume_continues_identically_and_eval_writes_a_gif(tmp_path):
@@ -101,10 +108,10 @@ def test_resume_continues_identically_and_eval_writes_a_gif(tmp_path):
     assert strip(resumed) == strip(uninterrupted)  # bitwise: every float written identically
 
     result = loop.evaluate(run, str(tmp_path))
-    assert result["checkpoint_update"] == 8 and len(result["return_per_agent"]) == 3
+    assert result["checkpoint_update"] == 8 and len(result["greedy_return_per_agent"]) == 3
     assert os.path.getsize(tmp_path / "eval.gif") > 1000
-    assert json.loads((tmp_path / "eval.json").read_text())["mean_return"] == pytest.approx(
-        result["mean_return"]
+    assert json.loads((tmp_path / "eval.json").read_text())["greedy_return_mean"] == pytest.approx(
+        result["greedy_return_mean"]
     )
 
 

@@ -9,8 +9,9 @@ that need the device count or the environment (batch shards, minibatch sizes, ac
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 
@@ -26,6 +27,9 @@ from jaxpar.config import (
     one_of,
     require,
 )
+
+# The checkout holding configs/ and experiments/ (jaxpar is installed editable from it, scripts/setup.sh).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ALGORITHMS = ("ippo", "mappo")
 NETWORKS = ("ff", "rnn")
@@ -139,7 +143,8 @@ class MARLTrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation mode: roll out `episodes` episodes of seed `seed_index`'s checkpointed policy."""
+    """Evaluation mode: roll out `episodes` episodes of every seed's checkpointed policy, sampling and
+    greedy; the animation shows the first episode of seed `seed_index`, greedy or sampled by `greedy`."""
 
     episodes: int = 1
     greedy: bool = True
@@ -226,3 +231,36 @@ def validate_run(run: MARLRunConfig, num_devices: int, env) -> dict[str, int]:
         f"{sizes['fsdp'] * sizes['tensor']}; sharded policy weights split the hidden width evenly.",
     )
     return sizes
+
+
+def resolve_config_argv(argv: Sequence[str], flag: str = "config", cwd: str | None = None) -> list[str]:
+    """argv with `--config=FILE[:ARG]` (or `--config FILE[:ARG]`) made absolute against the repository when
+    FILE is a relative path that does not exist from the working directory, so that
+    `--config=configs/marl.py:smoke` works from any directory. A path found in neither place is a
+    ConfigError naming both; overrides (`--config.KEY=VALUE`) are left as they are."""
+    cwd = os.getcwd() if cwd is None else cwd
+    out = list(argv)
+
+    def resolve(spec: str) -> str:
+        path, sep, arg = spec.partition(":")
+        if os.path.isabs(path) or os.path.isfile(os.path.join(cwd, path)):
+            return spec
+        in_repo = os.path.join(REPO_ROOT, path)
+        require(
+            os.path.isfile(in_repo),
+            f"--{flag}={spec}: no such file {path!r} in the working directory ({cwd}) nor in the "
+            f"repository ({REPO_ROOT}); e.g. --{flag}=configs/marl.py:smoke.",
+        )
+        return in_repo + sep + arg
+
+    for i, item in enumerate(out):
+        if item == "--":
+            break
+        name, sep, value = item.lstrip("-").partition("=")
+        if not item.startswith("-") or name != flag:
+            continue
+        if sep:
+            out[i] = item[: len(item) - len(value)] + resolve(value)
+        elif i + 1 < len(out):
+            out[i + 1] = resolve(out[i + 1])
+    return out

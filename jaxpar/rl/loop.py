@@ -1,10 +1,12 @@
 """The MARL host loop: validate, build (or resume) the sharded runner states, run updates in jitted
-chunks, log, checkpoint, plot; and the evaluation mode that rolls out a checkpointed policy.
+chunks, log, checkpoint, plot; and the evaluation mode that rolls out every seed's checkpointed policy.
 
 Each call runs `train.updates_per_call` updates of every seed on device (one program, purejaxrl style);
 between calls the host writes metrics.jsonl/TensorBoard, advances the progress bar and saves orbax
-checkpoints. An update is a pure function of the runner state, so a resumed run continues exactly
-where the checkpoint left off.
+checkpoints. The program is compiled once, announced on stderr before the compiles start, its compile
+time printed and logged as compile_s; a last chunk shorter than updates_per_call runs in the same
+program with a smaller update count. An update is a pure function of the runner state, so a resumed run
+continues exactly where the checkpoint left off.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -21,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jaxpar.envs as envs
-from jaxpar.config import MeshConfig
+from jaxpar.config import ConfigError, MeshConfig
 from jaxpar.envs.wrappers import episode_done
 from jaxpar.parallel.mesh import describe, make_mesh
 from jaxpar.rl import plots
@@ -85,22 +88,51 @@ def _train(run: MARLRunConfig, workdir: str, devices) -> dict:
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
     try:
         restored = checkpointer.restore_latest(ppo.abstract_state, run.checkpoint.on_corrupt)
+        start = 0 if restored is None else restored[0]
+        chunk = min(tcfg.updates_per_call, run.num_updates - start)
+        if chunk > 0:  # before the compiles (the bar would sit at 0% through them)
+            _say(
+                f"compiling {run.algo.name} {run.env.id} on [{describe(ppo.mesh)}]: "
+                + ("the initial state, then " if restored is None else "")
+                + f"{chunk} updates x {tcfg.num_seeds} seed(s) as one XLA program; this may take a few "
+                "minutes on a CPU ..."
+            )
+        t0 = time.perf_counter()
         if restored is None:
-            start, states, clock = 0, ppo.init_states(), {"wall_s": 0.0, "cpu_s": 0.0}
+            states, clock = ppo.init_states(), {"wall_s": 0.0, "cpu_s": 0.0}
+            jax.block_until_ready(states)
         else:
-            start, states, clock = restored
+            _, states, clock = restored
+        init_s = time.perf_counter() - t0
         save_config(run, workdir, ppo.mesh.shape)
-        return _run_updates(run, ppo, workdir, states, start, clock, checkpointer)
+        step_fn = None
+        if chunk > 0:
+            step_fn = ppo.run_updates(chunk)
+            program_s = ppo.compile_s[chunk]
+            first = f"initial state {init_s:.1f} s, " if restored is None else f"resumed at update {start}, "
+            _say(
+                f"compiled in {init_s + program_s:.1f} s ({first}update program {program_s:.1f} s); "
+                f"{run.num_updates - start} updates to go"
+            )
+        return _run_updates(run, ppo, workdir, states, start, clock, checkpointer, step_fn, chunk)
     finally:
         checkpointer.close()
 
 
-def _run_updates(run, ppo: PPO, workdir, states, start, clock, checkpointer) -> dict:
-    """Host loop. wall_s / cpu_s (process CPU time, all threads) count the update calls only, compile
-    excluded, carried over a resume."""
+def _say(message: str) -> None:
+    """A line for the person at the terminal (process 0), on stderr beside the progress bar."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _run_updates(run, ppo: PPO, workdir, states, start, clock, checkpointer, step_fn, chunk) -> dict:
+    """Host loop over calls of `step_fn` (ppo.run_updates(chunk), already compiled): a short last chunk
+    passes a smaller update count to the same program. wall_s / cpu_s (process CPU time, all threads)
+    count the update calls only, compile excluded (logged as compile_s), carried over a resume."""
     wall_s, cpu_s = clock["wall_s"], clock.get("cpu_s", 0.0)
     tcfg = run.train
     total = run.num_updates
+    compile_s = ppo.compile_s.get(chunk, 0.0)
     writer = MetricsWriter(workdir, resume_step=start)
     env_steps_per_update = run.steps_per_update * tcfg.num_seeds
     bar = tqdm(
@@ -114,13 +146,10 @@ def _run_updates(run, ppo: PPO, workdir, states, start, clock, checkpointer) -> 
     )
     last: dict = {}
     update = start
-    for n in {min(tcfg.updates_per_call, total - start), (total - start) % tcfg.updates_per_call} - {0}:
-        ppo.run_updates(n)  # compile before the clock starts; compile time is logged apart
-    compile_s = sum(ppo.compile_s.values())
     while update < total:
-        n = min(tcfg.updates_per_call, total - update)
+        n = min(chunk, total - update)
         t0, c0 = time.perf_counter(), time.process_time()
-        states, metrics = ppo.run_updates(n)(states)
+        states, metrics = step_fn(states, n)
         metrics = jax.device_get(metrics)  # waits for the chunk: the timing below is the device's
         elapsed = time.perf_counter() - t0
         wall_s += elapsed
@@ -159,7 +188,7 @@ def _run_updates(run, ppo: PPO, workdir, states, start, clock, checkpointer) -> 
 
 
 def restore_params(run: MARLRunConfig, workdir: str, ppo: PPO):
-    """The latest checkpoint's parameters of seed `eval.seed_index` (and the update it was saved at)."""
+    """The latest checkpoint's parameters of every seed ([S, ...] leaves) and the update it was saved at."""
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.train.keep_checkpoints)
     try:
         step = checkpointer.latest_step()
@@ -168,15 +197,10 @@ def restore_params(run: MARLRunConfig, workdir: str, ppo: PPO):
                 f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first with "
                 f"the same --workdir."
             )
-        if run.eval.seed_index >= run.train.num_seeds:
-            raise ValueError(
-                f"eval.seed_index={run.eval.seed_index} but the run has train.num_seeds="
-                f"{run.train.num_seeds}."
-            )
         step, states, _ = checkpointer.restore_latest(ppo.abstract_state, run.checkpoint.on_corrupt)
     finally:
         checkpointer.close()
-    return jax.tree.map(lambda x: x[run.eval.seed_index], states.train.params), step
+    return states.train.params, step
 
 
 def episode_length_cap(env) -> int:
@@ -184,8 +208,10 @@ def episode_length_cap(env) -> int:
     return int(getattr(unwrapped, "max_cycles", None) or getattr(unwrapped, "max_steps", None) or 200)
 
 
-def rollout_episode(ppo: PPO, params, key, greedy: bool):
-    """One episode of one env with the policy: (per-step env states, rewards [T, A], done [T])."""
+def rollout_episode(ppo: PPO, params, key, greedy):
+    """One episode of one env with the policy, acting by argmax where `greedy` (a bool, or a traced one so
+    that one program evaluates both) and by sampling otherwise: (per-step env states, rewards [T, A],
+    alive [T])."""
     from jaxpar.rl.networks import initial_carry
 
     env = ppo.env
@@ -197,7 +223,8 @@ def rollout_episode(ppo: PPO, params, key, greedy: bool):
         obs, env_state, carry, reset, alive = c
         k_act, k_env = jax.random.split(k)
         carry, logits, _ = ppo.policy_step(params, carry, obs[None], reset[None])
-        actions = jnp.argmax(logits[0], -1) if greedy else jax.random.categorical(k_act, logits[0])
+        sampled = jax.random.categorical(k_act, logits[0])
+        actions = jnp.where(greedy, jnp.argmax(logits[0], -1), sampled)
         obs, next_state, reward, terminated, truncated, _ = env.step(
             k_env, env_state, actions.astype(jnp.int32)
         )
@@ -212,38 +239,70 @@ def rollout_episode(ppo: PPO, params, key, greedy: bool):
     return states, rewards, alive
 
 
+EVAL_MODES = ("sampled", "greedy")
+
+
 def evaluate(run: MARLRunConfig, workdir: str, devices=None) -> dict:
-    """Rolls out the checkpointed policy for eval.episodes episodes; writes eval.json and an animation
-    of the first episode (eval.gif) where the environment can be drawn."""
+    """Rolls out the checkpointed policy of every seed for eval.episodes episodes each, sampling actions and
+    acting greedily (one program, both modes vmapped); writes eval.json and an animation (eval.gif) of the
+    first episode of seed eval.seed_index in the eval.greedy mode where the environment can be drawn.
+
+    Returns are per agent per episode (each agent's summed rewards, averaged over agents), the unit of
+    training's episode_return: `{mode}_return_mean` / `_std` are over seeds (each seed's mean over its
+    episodes), `{mode}_return_per_seed` and `{mode}_return_per_agent` (mean over seeds and episodes)."""
     from jaxpar.rl import render
 
+    if run.eval.seed_index >= run.train.num_seeds:
+        raise ConfigError(
+            f"eval.seed_index={run.eval.seed_index} (the seed animated) but the run has train.num_seeds="
+            f"{run.train.num_seeds}; use 0 to {run.train.num_seeds - 1}."
+        )
     devices = jax.devices()[:1] if devices is None else devices
     ppo = build(dataclasses.replace(run, mesh=MeshConfig(data=len(devices))), devices)
     params, step = restore_params(run, workdir, ppo)
-    run_episode = jax.jit(lambda p, k: rollout_episode(ppo, p, k, run.eval.greedy))
-    returns, gif = [], None
-    for episode in range(run.eval.episodes):
-        states, rewards, alive = jax.device_get(run_episode(params, jax.random.key(10_000 + episode)))
-        returns.append(np.asarray(rewards).sum(axis=0))
-        if episode == 0:
-            length = int(np.asarray(alive).sum())
-            gif = render.animate(
-                ppo.env,
-                states,
-                length + 1,
-                os.path.join(workdir, "eval.gif"),
-                run.eval.fps,
-                title=f"{run.algo.name} {run.env.id}, update {step}",
-            )
-    returns = np.stack(returns)
+    # The same episode keys for every seed and both modes: differences come from the policies.
+    keys = jax.vmap(jax.random.key)(10_000 + jnp.arange(run.eval.episodes))
+    greedy = jnp.array([mode == "greedy" for mode in EVAL_MODES])
+    episode = lambda p, k, g: rollout_episode(ppo, p, k, g)
+    over_episodes = jax.vmap(episode, in_axes=(None, 0, None))
+    over_seeds = jax.vmap(over_episodes, in_axes=(0, None, None))
+    over_modes = jax.jit(jax.vmap(over_seeds, in_axes=(None, None, 0)))
+    states, rewards, alive = jax.device_get(over_modes(params, keys, greedy))
+    returns = np.asarray(rewards, np.float64).sum(axis=3)  # [modes, S, episodes, A]
     result = {
         "checkpoint_update": step,
-        "episodes": run.eval.episodes,
-        "greedy": run.eval.greedy,
-        "return_per_agent": returns.mean(axis=0).tolist(),
-        "mean_return": float(returns.mean()),
-        "gif": gif,
+        "seeds": run.train.num_seeds,
+        "episodes_per_seed": run.eval.episodes,
     }
+    for m, mode in enumerate(EVAL_MODES):
+        per_seed = returns[m].mean(axis=(1, 2))
+        result[f"{mode}_return_mean"] = float(per_seed.mean())
+        result[f"{mode}_return_std"] = float(per_seed.std())
+        result[f"{mode}_return_per_seed"] = per_seed.tolist()
+        result[f"{mode}_return_per_agent"] = returns[m].mean(axis=(0, 1)).tolist()
+    m, s = EVAL_MODES.index("greedy" if run.eval.greedy else "sampled"), run.eval.seed_index
+    length = int(np.asarray(alive[m, s, 0]).sum())
+    result["gif"] = render.animate(
+        ppo.env,
+        jax.tree.map(lambda x: x[m, s, 0], states),
+        length + 1,
+        os.path.join(workdir, "eval.gif"),
+        run.eval.fps,
+        title=f"{run.algo.name} {run.env.id}, update {step}, seed {s}, {EVAL_MODES[m]}",
+    )
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def eval_summary(result: dict) -> str:
+    """One line of evaluate()'s result: mean +- std over seeds of both modes."""
+    modes = ", ".join(
+        f"{mode} {result[f'{mode}_return_mean']:.2f} +- {result[f'{mode}_return_std']:.2f}"
+        for mode in EVAL_MODES
+    )
+    return (
+        f"eval of update {result['checkpoint_update']}, {result['seeds']} seed(s) x "
+        f"{result['episodes_per_seed']} episode(s), return per agent per episode (mean +- std over seeds): "
+        f"{modes}"
+    )

@@ -13,6 +13,7 @@ indices drawn from the seed's key, so a fixed seed gives the same run on 1 devic
     ppo = PPO(run, env, mesh)
     states = ppo.init(ppo.seed_keys())              # [S, ...] runner states, already sharded
     states, metrics = ppo.run_updates(10)(states)   # 10 updates in one call; metrics [10, S, ...]
+    states, metrics = ppo.run_updates(10)(states, 3)  # 3 updates, same program; metrics rows 3.. zero
     states, metrics = ppo.make_train()(ppo.seed_keys())   # the whole run as one jitted function
 """
 
@@ -23,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -278,22 +280,46 @@ class PPO:
 
         return jax.lax.scan(body, states, None, length=n)
 
+    def _counted_updates(self, states: RunnerState, count: jax.Array, chunk: int):
+        """The first `count` (traced, 1..chunk) of `chunk` updates: a loop whose trip count is an argument,
+        so a short last chunk runs in the same program instead of a second compiled one. The body is
+        `_updates`' scan body, so each update is the same computation, bit for bit; metrics rows from
+        `count` on are left zero."""
+        shapes = jax.eval_shape(jax.vmap(self.update), states)[1]
+        rows = jax.tree.map(lambda s: jnp.zeros((chunk, *s.shape), s.dtype), shapes)
+
+        def body(i, carry):
+            states, rows = carry
+            states, metrics = jax.vmap(self.update)(states)
+            return states, jax.tree.map(lambda r, m: r.at[i].set(m), rows, metrics)
+
+        return jax.lax.fori_loop(0, count, body, (states, rows))
+
     @functools.cache  # noqa: B019 (one PPO per run: the cache holds its compiled programs for the run's life)
-    def run_updates(self, n: int):
-        """`states -> (states, metrics [n, S, ...])`: n updates of every seed in one call, compiled ahead of
-        time for the sharded state (the first call for each n pays the compile; `compile_s[n]` says how
-        long it took)."""
+    def run_updates(self, chunk: int):
+        """`(states, count=chunk) -> (states, metrics [chunk, S, ...])`: `count` (1..chunk) updates of every
+        seed in one call; metrics rows from `count` on are zero. One program per chunk size, compiled ahead
+        of time for the sharded state (`compile_s[chunk]` says how long the compile took)."""
         jitted = jax.jit(
-            functools.partial(self._updates, n=n),
-            in_shardings=(self.state_shardings,),
+            functools.partial(self._counted_updates, chunk=chunk),
+            in_shardings=(self.state_shardings, self.replicated),
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=0,
         )
         start = time.perf_counter()
         with jax.set_mesh(self.mesh):
-            compiled = jitted.lower(self.abstract_state).compile()
-        self.compile_s[n] = time.perf_counter() - start
-        return compiled
+            compiled = jitted.lower(self.abstract_state, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        self.compile_s[chunk] = time.perf_counter() - start
+
+        def call(states: RunnerState, count: int = chunk):
+            if not 1 <= count <= chunk:
+                raise ValueError(
+                    f"count={count} updates asked of the program compiled for chunks of {chunk}; "
+                    f"pass 1 to {chunk}, or ask run_updates() for a larger chunk."
+                )
+            return compiled(states, np.int32(count))
+
+        return call
 
     def make_train(self):
         """The purejaxrl form: `keys [S] -> (final states, metrics [num_updates, S, ...])`, one program."""
