@@ -4,6 +4,7 @@ k = 1..8 drafted tokens, at 1 and 8 slots, greedy and at temperature 1, in one p
 
   python experiments/bench_speculative.py --out=benchmarks/speculative --runs=/tmp/jaxpar_speculative
   python experiments/bench_speculative.py --render_only --out=benchmarks/speculative
+  python experiments/bench_speculative.py --medusa  # Medusa heads on the same target, added to results.json
 
 Writes results.json, README.md and acceptance.png into --out. The work is in jaxpar/bench/speculative.py.
 """
@@ -21,6 +22,7 @@ _OUT = flags.DEFINE_string(
 )
 _RUNS = flags.DEFINE_string("runs", "/tmp/jaxpar_speculative", "Where the target and draft runs are trained.")
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Rewrite README.md from --out/results.json; no runs.")
+_MEDUSA = flags.DEFINE_bool("medusa", False, "Only the Medusa rows (heads trained on the target), added.")
 
 
 def main(argv):
@@ -31,7 +33,10 @@ def main(argv):
         return
     simulate_cpu_devices(8)  # training's mesh; inference runs on the first device
     logging.set_verbosity(logging.INFO)
-    speculative.run(_OUT.value, _CONFIG.value, _RUNS.value)
+    if _MEDUSA.value:
+        speculative.run_medusa(_OUT.value, _CONFIG.value, _RUNS.value)
+    else:
+        speculative.run(_OUT.value, _CONFIG.value, _RUNS.value)
 
 
 if __name__ == "__main__":

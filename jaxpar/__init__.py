@@ -13,7 +13,7 @@ LAYERS = (
     ("envs",),  # multi-agent environments: no model, no loop
     ("models",),  # Flax NNX models, logical axis names only
     ("train",),  # state, steps, the LM training loop, checkpoints, data, metrics
-    ("infer", "rl"),  # generation and serving (may read train's checkpoints); IPPO / MAPPO
+    ("infer", "rl", "plan"),  # generation and serving (reads checkpoints); IPPO / MAPPO; memory planner
     ("launch",),  # multi-process, SLURM, TPU VM, sweeps
     ("bench",),  # benchmark code behind experiments/bench_*.py
 )

@@ -148,6 +148,11 @@ class MoEConfig:
     z_loss_coef: float = 1e-3
     bias_update_rate: float = 1e-3
     normalize_weights: bool = True  # softmax router: renormalise the top-k weights to sum to 1 (Mixtral)
+    shared_gate: bool = False  # the shared experts' output scaled by a per-token sigmoid gate (Qwen2-MoE)
+    first_dense: int = 0  # the first layers keep a dense MLP (DeepSeek's first_k_dense_replace)
+    every: int = (
+        1  # after those, every `every`-th layer is MoE, the others dense (Qwen's decoder_sparse_step)
+    )
 
     RANGES: typing.ClassVar[Mapping[str, Bound]] = {
         "experts": Bound(low=0, means="0 = dense MLPs"),
@@ -158,6 +163,8 @@ class MoEConfig:
         "aux_loss_coef": NON_NEGATIVE,
         "z_loss_coef": NON_NEGATIVE,
         "bias_update_rate": NON_NEGATIVE,
+        "first_dense": Bound(low=0, means="dense layers before the first MoE layer"),
+        "every": Bound(low=1, means="1 = every layer after model.moe.first_dense is MoE"),
     }
 
     def __post_init__(self):
@@ -169,6 +176,19 @@ class MoEConfig:
             )
         one_of("model.moe.router", self.router, ("softmax", "sigmoid"))
         one_of("model.moe.balance", self.balance, ("aux_loss", "bias"))
+        require(
+            not self.shared_gate or self.shared_experts,
+            "model.moe.shared_gate=True gates the shared experts; set model.moe.shared_experts >= 1.",
+        )
+
+    @property
+    def mixed(self) -> bool:
+        """Whether dense and MoE layers alternate (first_dense or every set) rather than all being MoE."""
+        return self.first_dense > 0 or self.every > 1
+
+    def moe_layers(self, n_layers: int) -> int:
+        """How many of n_layers are MoE layers."""
+        return (n_layers - self.first_dense) // self.every if self.experts else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +224,7 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3 scaling: waves shorter than original_max_len / this: kept
     rope_original_max_len: int = 8192  # llama3 scaling: the context the model was first trained on
     hf_path: str = ""  # a Hugging Face checkpoint directory: architecture from its config.json, weights too
+    medusa_heads: int = 0  # Medusa-1 decoding heads on the final hidden state (jaxpar.models.medusa); 0: none
     moe: MoEConfig = MoEConfig()
 
     RANGES: typing.ClassVar[Mapping[str, Bound]] = {
@@ -226,6 +247,7 @@ class ModelConfig:
         "rope_low_freq_factor": POSITIVE,
         "rope_high_freq_factor": POSITIVE,
         "rope_original_max_len": COUNT,
+        "medusa_heads": Bound(low=0, high=16, means="0 = no Medusa heads"),
     }
 
     def __post_init__(self):
@@ -236,7 +258,7 @@ class ModelConfig:
             "grouped-query attention needs every KV head to serve the same number of query heads.",
         )
         one_of("model.attention_impl", self.attention_impl, attention_lib.IMPLEMENTATIONS)
-        one_of("model.remat", self.remat, ("none", "full", "save_dots"))
+        one_of("model.remat", self.remat, ("none", "full", "save_dots", "offload"))
         one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
         one_of("model.sequence_parallel", self.sequence_parallel, sequence_lib.VARIANTS)
@@ -259,6 +281,20 @@ class ModelConfig:
             f"model.sliding_window={self.sliding_window} applies to softmax attention; model.mixer='linear' "
             "has none. Set model.sliding_window=0 or use mixer 'softmax' or 'hybrid'.",
         )
+        if self.moe.experts and self.moe.mixed:
+            moe = self.moe
+            require(
+                moe.first_dense < self.n_layers and (self.n_layers - moe.first_dense) % moe.every == 0,
+                f"model.moe.first_dense={moe.first_dense} dense layers, then groups of "
+                f"model.moe.every={moe.every} (the last of each MoE) must fill "
+                f"model.n_layers={self.n_layers}: n_layers - first_dense must be a positive multiple of "
+                "every.",
+            )
+            require(
+                self.mixer == "softmax",
+                f"model.moe.first_dense / model.moe.every (a mix of dense and MoE layers) with "
+                f"model.mixer={self.mixer!r}: only softmax-attention models take this layout.",
+            )
         if self.mixer == "hybrid":
             require(
                 self.softmax_every >= 2 and self.n_layers % self.softmax_every == 0,
@@ -272,15 +308,17 @@ class ModelConfig:
         attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         attn += self.attention_bias * self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
         attn += self.qk_norm * 2 * self.head_dim
-        mlp = 3 * self.d_model * self.d_ff
-        if self.moe.experts:
-            mlp = (
-                3 * self.d_model * self.moe.d_ff * (self.moe.experts + self.moe.shared_experts)
-                + self.d_model * self.moe.experts
-            )
-        per_layer = attn + mlp + 2 * self.d_model
+        dense_mlp = 3 * self.d_model * self.d_ff
+        moe_mlp = 3 * self.d_model * self.moe.d_ff * (
+            self.moe.experts + self.moe.shared_experts
+        ) + self.d_model * (self.moe.experts + self.moe.shared_gate)
+        moe_layers = self.moe.moe_layers(self.n_layers)
+        mlp = moe_layers * moe_mlp + (self.n_layers - moe_layers) * dense_mlp
+        per_layer = attn + 2 * self.d_model
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-        return self.n_layers * per_layer + self.linear_layers * self._linear_extra + embed + self.d_model
+        return (
+            self.n_layers * per_layer + mlp + self.linear_layers * self._linear_extra + embed + self.d_model
+        )
 
     def zigzag_factor(self, mesh_sizes: Mapping[str, int]) -> int:
         """The n of the zigzag token layout this model uses on a mesh of these axis sizes (1: contiguous):
@@ -472,6 +510,17 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OffloadConfig:
+    """config.offload: state kept in pinned host memory instead of the device's (jaxpar.train.offload).
+    optimizer_state: the optimizer's state (AdamW moments) lives on the host and is streamed to the device
+    for the update, its result written back; the parameters and gradients stay on the device."""
+
+    optimizer_state: bool = False
+
+    RANGES: typing.ClassVar[Mapping[str, Bound]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
     global_batch: int = 16
@@ -483,8 +532,12 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
+    init_from: str = ""  # a base run's workdir: its newest checkpoint's parameters start this run (fresh
+    # optimizer, step 0); parameters it lacks (Medusa heads) start from their init
+    device_memory_gb: float = 0.0  # GiB per device for the fit check (jaxpar.train.fit); 0: ask the device
 
     RANGES: typing.ClassVar[Mapping[str, Bound]] = {
+        "device_memory_gb": Bound(low=0, means="0 = what the device reports"),
         "steps": COUNT,
         "global_batch": COUNT,
         "seq_len": COUNT,
@@ -613,6 +666,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    offload: OffloadConfig = OffloadConfig()
 
 
 def unknown_keys_message(section: str, unknown: Iterable[str], known: Iterable[str]) -> str:
@@ -678,7 +732,8 @@ def with_hf_architecture(config: ml_collections.ConfigDict | Mapping) -> dict:
     """`config` as a dict whose model section, when model.hf_path names a Hugging Face checkpoint, has the
     architecture fields its config.json implies (jaxpar.interop.hf_config.model_fields) in place of the
     preset's; how the model runs (dtypes, attention_impl, remat, sequence parallel variant, max_seq_len)
-    stays the run's. An unsupported checkpoint is one ConfigError naming its field."""
+    stays the run's; data.tokenizer defaults to the checkpoint's tokenizer.json. An unsupported checkpoint is
+    one ConfigError naming its field."""
     tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     model = dict(tree.get("model") or {})
     if not model.get("hf_path"):
@@ -688,7 +743,11 @@ def with_hf_architecture(config: ml_collections.ConfigDict | Mapping) -> dict:
     except hf_config.HFConfigError as error:
         raise ConfigError(str(error)) from None
     moe = fields.pop("moe")
-    return tree | {"model": model | fields | {"moe": dict(model.get("moe") or {}) | moe}}
+    tree = tree | {"model": model | fields | {"moe": dict(model.get("moe") or {}) | moe}}
+    data = dict(tree.get("data") or {})
+    if not data.get("tokenizer") and os.path.isfile(os.path.join(model["hf_path"], "tokenizer.json")):
+        tree["data"] = data | {"tokenizer": model["hf_path"]}  # the checkpoint's own tokenizer by default
+    return tree
 
 
 def check_override_keys(config: ml_collections.ConfigDict | Mapping, keys: Iterable[str]) -> None:
@@ -820,11 +879,30 @@ def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
             f"(got {model.moe.experts}); set model.moe.experts or mesh.expert=1.",
         )
     if sizes["pipeline"] > 1:
+        require(
+            not (model.moe.experts and model.moe.mixed),
+            f"mesh.pipeline={sizes['pipeline']} with model.moe.first_dense={model.moe.first_dense} / "
+            f"model.moe.every={model.moe.every}: pipeline stages split identical layers; use mesh.pipeline=1 "
+            "with a mix of dense and MoE layers.",
+        )
         run.pipeline.validate(model, sizes, train.global_batch)
         require(
             train.grad_accum_steps == 1,
             f"train.grad_accum_steps={train.grad_accum_steps} with mesh.pipeline={sizes['pipeline']}: the "
             "pipeline's microbatches are the accumulation; set pipeline.microbatches instead.",
+        )
+    if model.medusa_heads:  # Medusa-1: only the heads train, on a base loaded from elsewhere
+        require(
+            bool(train.init_from) and not model.hf_path,
+            f"model.medusa_heads={model.medusa_heads} trains the heads on a frozen base model: set "
+            "train.init_from=BASE_WORKDIR (a training run of the same model.* settings) and leave "
+            "model.hf_path empty (Hugging Face bases are not wired to heads training yet); a randomly "
+            "initialised base would stay random.",
+        )
+        require(
+            sizes["pipeline"] == 1,
+            f"model.medusa_heads={model.medusa_heads} with mesh.pipeline={sizes['pipeline']}: the "
+            "pipelined loss has no Medusa heads; train the heads with mesh.pipeline=1.",
         )
     tensor = sizes["tensor"]
     for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
@@ -857,9 +935,15 @@ def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
             f"{(train.steps - 1) / warmup:.0%} of optimizer.learning_rate={run.optimizer.learning_rate}; "
             f"lower optimizer.warmup_steps (e.g. to {train.steps // 10}) or raise train.steps."
         )
-    if run.data.source in ("stdlib", "text"):
+    if run.data.source in ("stdlib", "text") and run.data.tokenizer in ("", "bytes"):
+        hf = (
+            f" (from model.hf_path={model.hf_path!r}, whose tokenizer.json is missing)"
+            if model.hf_path
+            else ""
+        )
         require(
             model.vocab_size >= 256,
-            f"model.vocab_size={model.vocab_size} is too small for byte tokens; use at least 256.",
+            f"model.vocab_size={model.vocab_size}{hf} is too small for byte tokens; use at least 256 or set "
+            "data.tokenizer.",
         )
     return sizes

@@ -16,6 +16,13 @@ MODELS = {
     "dense": ModelConfig(n_layers=2, **BASE),
     "sliding_window": ModelConfig(n_layers=2, sliding_window=5, **BASE),
     "moe": ModelConfig(n_layers=2, moe=MoEConfig(experts=4, top_k=2, d_ff=32, capacity_factor=1.0), **BASE),
+    "moe_mixed": ModelConfig(  # a dense layer, then groups of (dense, MoE with a gated shared expert)
+        n_layers=3,
+        moe=MoEConfig(
+            experts=4, top_k=2, d_ff=32, first_dense=1, every=2, shared_experts=1, shared_gate=True
+        ),
+        **BASE,
+    ),
     "linear": ModelConfig(n_layers=2, mixer="linear", linear_chunk=8, **BASE),
     "hybrid": ModelConfig(n_layers=4, mixer="hybrid", softmax_every=2, linear_chunk=8, **BASE),
 }

@@ -49,6 +49,29 @@ FAMILIES = {
         transformers.Qwen3MoeConfig,
         dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True),
     ),
+    # MoE layers among dense ones: layers 0-1 dense, then every second layer MoE (layers 3 and 5 of 6)
+    "qwen3_moe_sparse": (
+        transformers.Qwen3MoeConfig,
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            decoder_sparse_step=2,
+            mlp_only_layers=[0, 1],
+            num_hidden_layers=6,
+        ),
+    ),
+    # a gated shared expert (2 x moe_intermediate_size), top-k weights not renormalised, every second layer
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=2,
+        ),
+    ),
 }
 
 
@@ -57,7 +80,7 @@ def save_tiny(kind: str, directory) -> transformers.PreTrainedModel:
     perturbed so that none is a trivial 0 or 1."""
     config_cls, extra = FAMILIES[kind]
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config_cls(**COMMON, **extra)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**COMMON | extra)).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -95,7 +118,7 @@ def test_every_family_gives_transformers_logits(saved):
             segments[row, start : start + len(doc)] = segment
             positions[row, start : start + len(doc)] = np.arange(len(doc))
     for kind, (directory, reference) in saved.items():
-        moe = kind in ("mixtral", "qwen3_moe")
+        moe = "moe" in kind or kind == "mixtral"
         for sizes in ({}, {"fsdp": 2, "tensor": 2, "expert": 2 if moe else 1}):
             cfg, params, mesh = imported(directory, sizes)
             graphdef, _ = build_lib.abstract_model(cfg)

@@ -60,6 +60,21 @@ def test_expert_parallel_matches_single_device(mesh_config, capacity_factor, sha
     assert np.all(stats["dropped_fraction"] == 0)
 
 
+def test_dense_and_moe_layers_mixed_match_single_device():
+    """One dense layer first, then groups of (dense, MoE) (model.moe.first_dense=1, every=2), a gated shared
+    expert: expert x tensor parallel equals one device; statistics come from the MoE layers only."""
+    moe = dataclasses.replace(MOE_TINY.moe, first_dense=1, every=2, shared_experts=1, shared_gate=True)
+    cfg = dataclasses.replace(MOE_TINY, n_layers=5, moe=moe)
+    want_loss, want_grads, want_stats = reference(cfg)
+    loss, grads, stats = loss_and_grads(cfg, config_mesh(MeshConfig(data=2, expert=2, tensor=2)))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    assert_grads_close(grads, want_grads)
+    assert stats["tokens_per_expert"].shape == (2, 8)  # layers 2 and 4
+    np.testing.assert_allclose(stats["aux_loss"], want_stats["aux_loss"], rtol=1e-5)
+    assert set(grads) == {"blocks", "first", "embed", "final_norm", "unembed"}
+    assert set(grads["blocks"]) == {"inner", "last"} and "shared_gate" in grads["blocks"]["last"]
+
+
 def numpy_expert(x_D, w):
     gate, up, down = w
     h = x_D @ gate

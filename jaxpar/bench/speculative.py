@@ -6,6 +6,10 @@ k = 1..8 drafted tokens and 1 and 8 slots: mean tokens per decoding round (accep
 corrected or bonus token; prefill excluded), target forwards per generated token (prefill included), and
 wall-clock time against plain decoding with the same engine settings, contenders interleaved, warm
 (compile reported apart), greedy and at temperature 1.
+
+`run_medusa` adds Medusa rows to the same results.json: MEDUSA_HEADS heads trained on the frozen target
+(train.init_from), then the same prompts and measures for chains through the first 1..4 heads (one
+candidate per head) and a tree (MEDUSA_TREES), against plain decoding in the same process.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from jaxpar.config import from_config_dict
 from jaxpar.infer import model as model_lib
 from jaxpar.infer.engine import Engine, Request
 from jaxpar.infer.sampling import SamplingParams
+from jaxpar.train import metrics as metrics_lib
 from jaxpar.train.loop import train
 
 KS = tuple(range(1, 9))
+MEDUSA_HEADS, MEDUSA_STEPS = 4, 200
+MEDUSA_TREES = ((1, 1), (1, 2), (1, 3), (1, 4), (3, 16))  # (width, candidates)
 SLOTS = (1, 8)
 PROMPTS, PROMPT_BYTES, NEW = 8, 48, 64
 REPEATS = 2
@@ -123,6 +130,110 @@ def _k(row) -> str:
     return f"adaptive 1..{KS[-1]} (mean {row['mean_k']:.1f})" if row["k"] == "adaptive" else str(row["k"])
 
 
+def train_medusa(config, runs: str) -> str:
+    """The workdir of MEDUSA_HEADS heads trained on the target's newest checkpoint (the target trained
+    first when it has no checkpoint)."""
+    target = from_config_dict(config)
+    target_dir, heads_dir = os.path.join(runs, "target"), os.path.join(runs, "medusa")
+    if not os.path.isdir(os.path.join(target_dir, "checkpoints", str(target.train.steps))):
+        train(target, target_dir)
+    raw = config.to_dict()
+    raw["model"]["medusa_heads"] = MEDUSA_HEADS
+    raw["train"].update(init_from=target_dir, steps=MEDUSA_STEPS)
+    raw["optimizer"]["warmup_steps"] = MEDUSA_STEPS // 10
+    train(from_config_dict(raw), heads_dir)
+    return heads_dir
+
+
+def measure_medusa(model, prompts) -> list[dict]:
+    rows = []
+    settings = dict(capacity=PROMPT_BYTES + NEW + 16, prefill_chunk=64, cache_dtype="float32")
+    for slots in SLOTS:
+        plain = Engine(model, slots=slots, **settings)
+        _run(plain, prompts, 0.0)
+        for width, candidates in MEDUSA_TREES:
+            medusa = Engine(model, slots=slots, medusa_width=width, medusa_candidates=candidates, **settings)
+            start = time.perf_counter()
+            _run(medusa, prompts, 0.0)
+            first = time.perf_counter() - start
+            for temperature in (0.0, 1.0):
+                times = {"plain": [], "medusa": []}
+                for _ in range(REPEATS):  # interleaved
+                    for name, engine in (("plain", plain), ("medusa", medusa)):
+                        seconds, tokens, rounds, per_slot = _run(engine, prompts, temperature)
+                        times[name].append(seconds)
+                        if name == "medusa":
+                            made, medusa_rounds, slot_rounds = tokens, rounds, per_slot
+                row = {
+                    "slots": slots,
+                    "width": width,
+                    "candidates": candidates,
+                    "depth": max(medusa.decoder.tree.depth),
+                    "temperature": temperature,
+                    "tokens_per_round": (made - len(prompts)) / slot_rounds,
+                    "target_forwards_per_token": (medusa_rounds + len(prompts)) / made,
+                    "plain_s": statistics.median(times["plain"]),
+                    "medusa_s": statistics.median(times["medusa"]),
+                    "first_call_s": first,
+                }
+                row["speedup"] = row["plain_s"] / row["medusa_s"]
+                logging.info("medusa %s", row)
+                rows.append(row)
+    return rows
+
+
+def medusa_section(medusa: dict) -> list[str]:
+    lines = [
+        "",
+        "## Medusa heads",
+        "",
+        f"`python experiments/bench_speculative.py --medusa` on {machine.summary(medusa['machine'])}; load "
+        f"average {medusa['load_average']} at the start. {MEDUSA_HEADS} Medusa-1 heads "
+        f"({medusa['head_params']:,} parameters) trained {medusa['steps']} steps on the frozen target above "
+        f"(heads' summed loss {medusa['loss_first']:.2f} at step 1, {medusa['loss_last']:.2f} at the last "
+        "step); same prompts, settings and measures as the draft rows.",
+        "A chain (width 1) verifies the top choice of each of the first `depth` heads; a tree verifies "
+        "`width` choices per head, breadth first, at most `candidates` nodes, in one forward with a tree "
+        "attention mask (jaxpar.infer.medusa). Greedy output equals plain greedy; sampling is exact "
+        "(multi-draft rejection).",
+        "",
+        "| slots | temperature | width | candidates | depth | tokens / round | target fwd / token "
+        "| plain (s) | medusa (s) | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in medusa["rows"]:
+        lines.append(
+            f"| {r['slots']} | {r['temperature']:g} | {r['width']} | {r['candidates']} | {r['depth']} | "
+            f"{r['tokens_per_round']:.2f} | {r['target_forwards_per_token']:.3f} | {r['plain_s']:.2f} | "
+            f"{r['medusa_s']:.2f} | {r['speedup']:.2f}x |"
+        )
+    return lines
+
+
+def run_medusa(out: str, config, runs: str) -> None:
+    """Adds the Medusa rows to `out`/results.json (the draft rows kept) and rewrites the README."""
+    load = round(os.getloadavg()[0], 2)
+    heads_dir = train_medusa(config, runs)
+    model = model_lib.load_workdir(heads_dir, model_lib.inference_mesh())
+    losses = [
+        r["loss"] for r in metrics_lib.read_metrics(os.path.join(heads_dir, "metrics.jsonl")) if "loss" in r
+    ]
+    head_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(model.params["medusa"])))
+    results = common.read_results(out, missing_ok=True)
+    results["medusa"] = {
+        "machine": machine.describe(),
+        "load_average": load,
+        "steps": MEDUSA_STEPS,
+        "head_params": head_params,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "rows": measure_medusa(model, stdlib_prompts()),
+    }
+    common.write_results(out, results)
+    if "rows" in results:
+        common.write_readme(out, readme(results))
+
+
 def readme(results: dict) -> str:
     lines = [
         "# Speculative sampling with a draft model",
@@ -162,6 +273,8 @@ def readme(results: dict) -> str:
         "fewer target forwards buy time depends on what a forward costs: see the speedup column, measured "
         "on this CPU with a 0.46 M-parameter target; it is not a GPU figure.",
     ]
+    if "medusa" in results:
+        lines += medusa_section(results["medusa"])
     return "\n".join(lines) + "\n"
 
 

@@ -45,10 +45,16 @@ class KVCache:
     k_BSKH: jax.Array
     v_BSKH: jax.Array
     implementation: str = struct.field(pytree_node=False, default="xla")
+    # Tree verification (jaxpar.infer.medusa): which new tokens each new token sees, [B, T, T] (a leading
+    # layers axis when stacked); None: the new tokens are a sequence (causal by position).
+    new_mask_BTT: jax.Array | None = None
 
     def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, *, window=None):
         """Writes the new keys and values at positions_BT (contiguous per row; writes past the capacity
-        are dropped), then attends the queries over the cache: (out [B, T, N, H], updated cache)."""
+        are dropped), then attends the queries over the cache: (out [B, T, N, H], updated cache).
+        With `new_mask_BTT` set: see `attend_tree`."""
+        if self.new_mask_BTT is not None:
+            return self.attend_tree(q_BTNH, k_BTKH, v_BTKH, positions_BT, window=window)
         B, T = positions_BT.shape
         S = self.k_BSKH.shape[1]
         rows_B1 = jnp.arange(B)[:, None]
@@ -85,6 +91,63 @@ class KVCache:
             heads=(q_BTNH.shape[2], k_BTKH.shape[2]),
         )
         return out_BTNH, self.replace(k_BSKH=k_BSKH, v_BSKH=v_BSKH)
+
+    def attend_tree(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, *, window=None):
+        """Attention of T new tokens that form a tree (candidates of jaxpar.infer.medusa): token t of row
+        b sees the cached entries before start_b = positions_BT[b, 0] and the new tokens u with
+        new_mask_BTT[b, t, u]; positions_BT (RoPE positions, a token's depth past start_b) may repeat
+        between siblings, so the new keys and values are written at consecutive entries start_b ..
+        start_b + T - 1, not at their positions (the caller moves the accepted ones into place after).
+        Dense, in plain jnp, partitioned by GSPMD on either implementation: the Pallas kernels mask by
+        position and segment only, which cannot say "ancestors only"."""
+        B, T = positions_BT.shape
+        S = self.k_BSKH.shape[1]
+        start_B = positions_BT[:, 0]
+        rows_B1 = jnp.arange(B)[:, None]
+        entries_BT = start_B[:, None] + jnp.arange(T, dtype=start_B.dtype)
+        k_BSKH = self.k_BSKH.at[rows_B1, entries_BT].set(k_BTKH.astype(self.k_BSKH.dtype), mode="drop")
+        v_BSKH = self.v_BSKH.at[rows_B1, entries_BT].set(v_BTKH.astype(self.v_BSKH.dtype), mode="drop")
+        mask_BTS = tree_visibility(self.new_mask_BTT, positions_BT, S, window)
+        out_BTNH = masked_attention(
+            q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask_BTS
+        )
+        return out_BTNH, self.replace(k_BSKH=k_BSKH, v_BSKH=v_BSKH)
+
+
+def tree_visibility(new_mask_BTT, positions_BT, capacity: int, window=None):
+    """[B, T, capacity] bool: what each of T tree tokens sees (see KVCache.attend_tree): the cached
+    prefix before positions_BT[:, 0], and the new tokens its row of new_mask_BTT allows, which sit at
+    entries positions_BT[:, 0] + u; with a sliding window, only keys fewer than `window` positions back."""
+    T = positions_BT.shape[1]
+    start_B = positions_BT[:, 0]
+    offset_BS = jnp.arange(capacity, dtype=start_B.dtype)[None] - start_B[:, None]
+    new_BS = (offset_BS >= 0) & (offset_BS < T)
+    index_BS = jnp.clip(offset_BS, 0, T - 1)
+    allowed_BTS = jnp.take_along_axis(
+        new_mask_BTT, jnp.broadcast_to(index_BS[:, None], (*positions_BT.shape, capacity)), axis=2
+    )
+    mask_BTS = (offset_BS < 0)[:, None] | (new_BS[:, None] & allowed_BTS)
+    if window:
+        kv_pos_BS = jnp.where(
+            new_BS, jnp.take_along_axis(positions_BT, index_BS, axis=1), offset_BS + start_B[:, None]
+        )
+        mask_BTS &= positions_BT[:, :, None] - kv_pos_BS[:, None] < window
+    return mask_BTS
+
+
+def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Dense grouped-query attention under an explicit [B, T, S] mask (every row must see something);
+    softmax in float32."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * H**-0.5
+    logits = jnp.where(mask_BTS[:, None, None], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(
+        "bkgts,bskh->btkgh", probs.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32
+    )
+    return out.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
 @struct.dataclass
@@ -144,7 +207,16 @@ def init_cache(cfg: ModelConfig, slots: int, capacity: int, dtype="bfloat16", im
     if implementation not in ("xla", "pallas"):
         raise ValueError(f"cache attention implementation {implementation!r}: choose 'xla' or 'pallas'")
     dtype = jnp.dtype(dtype)
-    L = cfg.n_layers
+    L, moe = cfg.n_layers, cfg.moe
+    if cfg.mixer == "softmax" and moe.experts and moe.mixed:  # structured like the model's layer stacks
+        groups = (L - moe.first_dense) // moe.every
+        rest = _kv(cfg, (groups,), slots, capacity, dtype, implementation)
+        if moe.every > 1:
+            inner = _kv(cfg, (groups, moe.every - 1), slots, capacity, dtype, implementation)
+            rest = {"inner": inner, "last": rest}
+        if not moe.first_dense:
+            return rest
+        return {"first": _kv(cfg, (moe.first_dense,), slots, capacity, dtype, implementation), "rest": rest}
     if cfg.mixer == "softmax":
         return _kv(cfg, (L,), slots, capacity, dtype, implementation)
     if cfg.mixer == "linear":
@@ -159,7 +231,7 @@ def init_cache(cfg: ModelConfig, slots: int, capacity: int, dtype="bfloat16", im
 def logical_names(leaf_path) -> tuple:
     """Logical names of a cache leaf: KV arrays or linear states, behind one or two layer axes."""
     is_kv = any(getattr(k, "name", None) in ("k_BSKH", "v_BSKH") for k in leaf_path)
-    nested = any(getattr(k, "key", None) == "linear" for k in leaf_path)
+    nested = any(getattr(k, "key", None) in ("linear", "inner") for k in leaf_path)
     names = KV_NAMES if is_kv else STATE_NAMES
     return (names[0], None, *names[1:]) if nested else names
 

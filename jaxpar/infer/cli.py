@@ -42,11 +42,17 @@ def define_model_flags() -> None:
         "auto: pallas on GPU).",
     )
     flags.DEFINE_enum(
-        "speculative", "none", ["none", "draft"], "draft: speculative sampling with --draft_workdir."
+        "speculative",
+        "none",
+        ["none", "draft", "medusa"],
+        "draft: speculative sampling with --draft_workdir; medusa: the run's own Medusa heads "
+        "(model.medusa_heads) propose a candidate tree.",
     )
     flags.DEFINE_string("draft_workdir", None, "speculative=draft: a smaller run with the same vocabulary.")
     flags.DEFINE_integer("num_draft", 4, "speculative=draft: tokens the draft proposes per round.")
     flags.DEFINE_bool("adaptive_draft", False, "speculative=draft: choose 1..num_draft every round.")
+    flags.DEFINE_integer("medusa_width", 2, "speculative=medusa: choices of each head per tree node.")
+    flags.DEFINE_integer("medusa_candidates", 16, "speculative=medusa: most candidate tokens in the tree.")
 
 
 def define_generate_flags() -> None:
@@ -93,6 +99,8 @@ def load_engine(f) -> Engine:
         draft=draft,
         num_draft=f.num_draft,
         adaptive_draft=f.adaptive_draft,
+        medusa_width=f.medusa_width if f.speculative == "medusa" else 0,
+        medusa_candidates=f.medusa_candidates,
     )
 
 
@@ -182,6 +190,11 @@ def generate_main(f) -> int:
         f"compile included; {engine.compiled_programs()} programs compiled) from {engine.model.name}",
         file=sys.stderr,
     )
+    if hasattr(engine.decoder, "tokens_per_forward"):  # Medusa
+        print(
+            f"{engine.decoder.tokens_per_forward():.2f} tokens per target forward per sequence",
+            file=sys.stderr,
+        )
     if f.output:
         with open(f.output, "w") as out:
             for (prompt, _), result in zip(prompts, results):

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxpar.infer import sampling
 from jaxpar.infer.decoder import MIN_BUCKET, Decoder
+from jaxpar.infer.medusa import MedusaDecoder
 from jaxpar.infer.model import LoadedModel
 from jaxpar.infer.speculative import SpeculativeDecoder
 from jaxpar.infer.text import TextStream
@@ -87,10 +88,14 @@ class Engine:
         draft: LoadedModel | None = None,
         num_draft: int = 4,
         adaptive_draft: bool = False,
+        medusa_width: int = 0,
+        medusa_candidates: int = 16,
     ):
         """`draft`: a smaller model with the same vocabulary for speculative sampling
         (jaxpar.infer.speculative), proposing `num_draft` tokens per round (adaptive_draft: a number in
-        1..num_draft chosen every round); outputs follow the target's distribution exactly either way."""
+        1..num_draft chosen every round); outputs follow the target's distribution exactly either way.
+        `medusa_width` > 0: Medusa decoding with the model's own heads (jaxpar.infer.medusa), a candidate
+        tree of `medusa_width` choices per head and at most `medusa_candidates` nodes; exact likewise."""
         cfg = model.cfg
         capacity = capacity or cfg.max_seq_len
         if not 1 <= capacity <= cfg.max_seq_len:
@@ -101,7 +106,11 @@ class Engine:
             )
         self.model, self.slots, self.capacity = model, slots, capacity
         args = (slots, capacity, prefill_chunk, cache_dtype, attention)
-        if draft is None:
+        if medusa_width and draft is not None:
+            raise ValueError("choose one of a draft model and Medusa heads, not both")
+        if medusa_width:
+            self.decoder = MedusaDecoder(model, *args, width=medusa_width, candidates=medusa_candidates)
+        elif draft is None:
             self.decoder = Decoder(model, *args)
         else:
             self.decoder = SpeculativeDecoder(model, draft, num_draft, *args, adaptive=adaptive_draft)

@@ -1,6 +1,7 @@
 """Hugging Face `config.json` <-> jaxpar model fields, for the decoder families jaxpar's Transformer computes
 exactly: Llama 2 / 3.x (llama3 rope scaling, tied or untied embeddings), Mistral (sliding window), Qwen2
-(q/k/v biases), Qwen3 (q/k norms), Mixtral and Qwen3-MoE (every layer a mixture of experts).
+(q/k/v biases), Qwen3 (q/k norms), Mixtral, Qwen2-MoE (gated shared expert) and Qwen3-MoE; MoE layers may
+alternate with dense ones (decoder_sparse_step, dense first layers: model.moe.every and first_dense).
 
 Plain dicts both ways (this layer knows nothing of jaxpar's config types): `model_fields` gives the
 `config.model` entries an HF config implies, `hf_config` the config.json a jaxpar model exports as. Anything
@@ -20,9 +21,9 @@ ARCHITECTURES = {  # model_type -> the transformers class a checkpoint of it loa
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
-MOE_TYPES = ("mixtral", "qwen3_moe")
 
 
 class HFConfigError(ValueError):
@@ -88,13 +89,12 @@ def model_fields(hf: dict, where: str = "config.json") -> dict[str, Any]:
         )
     _require(hf, where, "hidden_act", ("silu",), "silu")
     _require(hf, where, "mlp_bias", (False,), False)
-    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         _require(hf, where, "use_sliding_window", (False,), False)
-    if model_type != "qwen2":  # these families put a bias on the output projection too; jaxpar has none
+    if model_type not in ("qwen2", "qwen2_moe"):  # these bias the output projection too; jaxpar does not
         _require(hf, where, "attention_bias", (False,), False)
-    if model_type == "qwen3_moe":
-        _require(hf, where, "decoder_sparse_step", (1,), 1)
-        _require(hf, where, "mlp_only_layers", ([],), [])
+    if model_type == "qwen2_moe":
+        _require(hf, where, "qkv_bias", (True,), True)
     heads = hf["num_attention_heads"]
     fields: dict[str, Any] = {
         "vocab_size": hf["vocab_size"],
@@ -106,7 +106,7 @@ def model_fields(hf: dict, where: str = "config.json") -> dict[str, Any]:
         "d_ff": hf["intermediate_size"],
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "attention_bias": model_type == "qwen2",  # q, k and v biases, none on the output
+        "attention_bias": model_type in ("qwen2", "qwen2_moe"),  # q, k and v biases, none on the output
         "qk_norm": model_type in ("qwen3", "qwen3_moe"),
         "sliding_window": (hf.get("sliding_window") or 0) if model_type in ("mistral", "mixtral") else 0,
         "mixer": "softmax",
@@ -119,24 +119,50 @@ def model_fields(hf: dict, where: str = "config.json") -> dict[str, Any]:
             "d_ff": hf["intermediate_size"],
             "normalize_weights": True,
         }
-    elif model_type == "qwen3_moe":
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
         fields["moe"] = {
             "experts": hf.get("num_experts") or hf["num_local_experts"],  # transformers 4 / 5 name
             "top_k": hf["num_experts_per_tok"],
             "d_ff": hf["moe_intermediate_size"],
-            "normalize_weights": bool(hf.get("norm_topk_prob", True)),
+            "normalize_weights": bool(hf.get("norm_topk_prob", model_type == "qwen3_moe")),
+            **_sparse_layout(hf, where),
+        }
+        shared = hf.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
+        if shared % hf["moe_intermediate_size"]:
+            raise HFConfigError(
+                f"{where}: shared_expert_intermediate_size={shared} is not a multiple of "
+                f"moe_intermediate_size={hf['moe_intermediate_size']}; jaxpar's shared experts are "
+                "model.moe.shared_experts units of model.moe.d_ff."
+            )
+        fields["moe"] |= {
+            "shared_experts": shared // hf["moe_intermediate_size"],
+            "shared_gate": bool(shared),
         }
     else:
         fields["moe"] = {"experts": 0}
-    if "moe" in fields and fields["moe"]["experts"]:
-        fields["moe"] |= {
-            "router": "softmax",
-            "shared_experts": 0,
-            "capacity_factor": 0.0,
-            "balance": "aux_loss",
-        }
+    if fields["moe"]["experts"]:
+        defaults = {"router": "softmax", "shared_experts": 0, "capacity_factor": 0.0, "balance": "aux_loss"}
+        fields["moe"] = defaults | fields["moe"]
         fields["moe"]["aux_loss_coef"] = float(hf.get("router_aux_loss_coef", 0.001))
     return fields
+
+
+def _sparse_layout(hf: dict, where: str) -> dict[str, int]:
+    """first_dense and every of a Qwen-MoE config: HF's MoE layers are those not in mlp_only_layers with
+    (index + 1) % decoder_sparse_step == 0; jaxpar's are the last of each group of `every` after
+    `first_dense` dense layers. The two must name the same layers."""
+    layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1) or 1
+    dense_only = sorted(hf.get("mlp_only_layers") or [])
+    first = len(dense_only)
+    theirs = {i for i in range(layers) if i not in dense_only and (i + 1) % step == 0}
+    ours = set(range(first + step - 1, layers, step)) if (layers - first) % step == 0 else None
+    if dense_only != list(range(first)) or ours != theirs:
+        raise HFConfigError(
+            f"{where}: decoder_sparse_step={step} with mlp_only_layers={dense_only} makes layers "
+            f"{sorted(theirs)} MoE; jaxpar's layout (first_dense dense layers, then every step-th layer MoE) "
+            "cannot express that."
+        )
+    return {"first_dense": first, "every": step}
 
 
 def model_type_of(cfg) -> str:
@@ -145,22 +171,26 @@ def model_type_of(cfg) -> str:
         raise HFConfigError(f"model.mixer={cfg.mixer!r} has no Hugging Face family; only 'softmax' exports.")
     if cfg.moe.experts:
         moe = cfg.moe
-        if moe.shared_experts or moe.router != "softmax" or moe.balance != "aux_loss":
+        if moe.router != "softmax" or moe.balance != "aux_loss" or moe.shared_experts and not moe.shared_gate:
             raise HFConfigError(
-                "an MoE with shared experts, a sigmoid router or bias balancing has no Hugging Face family "
-                f"(model.moe={moe}); Mixtral / Qwen3-MoE export needs shared_experts=0, router='softmax', "
-                "balance='aux_loss'."
+                "an MoE with a sigmoid router, bias balancing, or shared experts without "
+                f"model.moe.shared_gate has no Hugging Face family (model.moe={moe})."
             )
-        if cfg.attention_bias:
-            raise HFConfigError("model.attention_bias with experts has no Hugging Face family.")
-        if cfg.qk_norm and not cfg.sliding_window:
+        if moe.first_dense % moe.every:
+            raise HFConfigError(
+                f"model.moe.first_dense={moe.first_dense} is not a multiple of model.moe.every={moe.every}: "
+                "Qwen-MoE's decoder_sparse_step cannot place those MoE layers."
+            )
+        if cfg.attention_bias and moe.shared_gate and not (cfg.qk_norm or cfg.sliding_window):
+            return "qwen2_moe"
+        if cfg.qk_norm and not (cfg.attention_bias or moe.shared_gate or cfg.sliding_window):
             return "qwen3_moe"
-        if cfg.qk_norm or not moe.normalize_weights:
-            raise HFConfigError(
-                "an MoE with model.qk_norm and a sliding window, or model.moe.normalize_weights=False "
-                "without model.qk_norm, has no Hugging Face family (Mixtral normalises its top-k weights)."
-            )
-        return "mixtral"
+        if not (cfg.qk_norm or cfg.attention_bias or moe.shared_gate or moe.mixed) and moe.normalize_weights:
+            return "mixtral"
+        raise HFConfigError(
+            "this MoE has no Hugging Face family: Mixtral (no biases, norms, shared experts or dense layers; "
+            "normalised top-k), Qwen2-MoE (q/k/v biases and a gated shared expert) or Qwen3-MoE (q/k norms)."
+        )
     if cfg.attention_bias:
         if cfg.qk_norm or cfg.sliding_window:
             raise HFConfigError(
@@ -221,14 +251,16 @@ def hf_config(cfg, *, dtype: str, bos_token_id=None, eos_token_id=None) -> dict[
             "intermediate_size": cfg.moe.d_ff,
             "router_aux_loss_coef": cfg.moe.aux_loss_coef,
         }
-    if model_type == "qwen3_moe":
+    if model_type in ("qwen2_moe", "qwen3_moe"):
         config |= {
             "num_experts": cfg.moe.experts,
             "num_experts_per_tok": cfg.moe.top_k,
             "moe_intermediate_size": cfg.moe.d_ff,
             "norm_topk_prob": cfg.moe.normalize_weights,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
+            "decoder_sparse_step": cfg.moe.every,
+            "mlp_only_layers": list(range(cfg.moe.first_dense)),
             "router_aux_loss_coef": cfg.moe.aux_loss_coef,
         }
+    if model_type == "qwen2_moe":
+        config |= {"qkv_bias": True, "shared_expert_intermediate_size": cfg.moe.shared_experts * cfg.moe.d_ff}
     return config

@@ -43,23 +43,35 @@ class HFWeightsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-    """One jaxpar parameter as HF tensors. `name` is a template over {layer} and {expert} (the stacked
-    axes, in that order: `stacked` of them lead the jaxpar array). `groups[i]` are the jaxpar axis sizes HF
-    axis i splits into; `order` lists the HF axes in the order their groups appear in jaxpar."""
+    """One jaxpar parameter as HF tensors. `name` is a template over {layer} and {expert}; the jaxpar array
+    leads with `stacked` stack axes: `layer_axes` of them pick the layer (HF layer `layer_base` +
+    `layer_stride` x the first, + the second when there are two: a group's inner layers), then the expert
+    axis if any. `groups[i]` are the jaxpar axis sizes HF axis i splits into; `order` lists the HF axes in
+    the order their groups appear in jaxpar."""
 
     name: str
     groups: tuple[tuple[int, ...], ...]
     order: tuple[int, ...]
     stacked: int = 0
+    layer_axes: int = 0
+    layer_base: int = 0
+    layer_stride: int = 1
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
         return tuple(math.prod(group) for group in self.groups)
 
+    def name_at(self, position: tuple[int, ...]) -> str:
+        """The HF name of the tensor at `position` on the stack axes."""
+        layer = self.layer_base + (self.layer_stride * position[0] if self.layer_axes else 0)
+        layer += position[1] if self.layer_axes == 2 else 0
+        expert = position[self.layer_axes] if self.stacked > self.layer_axes else None
+        return self.name.format(layer=layer, expert=expert)
+
     def names(self, stack_shape: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], str]]:
-        """((layer[, expert]), HF name) of every HF tensor this parameter is made of."""
-        for index in itertools.product(*(range(n) for n in stack_shape)):
-            yield index, self.name.format(**dict(zip(("layer", "expert"), index)))
+        """(position on the stack axes, HF name) of every HF tensor this parameter is made of."""
+        for position in itertools.product(*(range(n) for n in stack_shape)):
+            yield position, self.name_at(position)
 
     def to_hf(self, core: np.ndarray) -> np.ndarray:
         """One layer's (and expert's) jaxpar array -> the HF tensor."""
@@ -93,62 +105,97 @@ def _group_axes(groups, order) -> dict[int, list[int]]:
     return axes
 
 
-def _linear(name, fan_in, fan_out, stacked=1) -> Tensor:
+@dataclasses.dataclass(frozen=True)
+class _Layers:
+    """Where a stack of jaxpar layers sits among the HF layers (see Tensor's layer_* fields)."""
+
+    axes: int = 1
+    base: int = 0
+    stride: int = 1
+
+
+def _linear(name, fan_in, fan_out, where: _Layers | None = None, expert: bool = False) -> Tensor:
     """An nn.Linear weight: HF [out, in], jaxpar [in..., out...]."""
-    return Tensor(name, (fan_out, fan_in), (1, 0), stacked)
+    return _same(name, fan_out, fan_in, where=where, expert=expert, order=(1, 0))
 
 
-def _same(name, *groups, stacked=1) -> Tensor:
-    return Tensor(name, groups, tuple(range(len(groups))), stacked)
+def _same(name, *groups, where: _Layers | None = None, expert: bool = False, order=None) -> Tensor:
+    where = where or _Layers(axes=0)
+    order = tuple(range(len(groups))) if order is None else order
+    return Tensor(name, groups, order, where.axes + expert, where.axes, where.base, where.stride)
+
+
+def _layer_tensors(cfg, model_type: str, prefix: str, where: _Layers, moe: bool) -> dict[str, Tensor]:
+    """The tensors of one stack of decoder layers (jaxpar paths under `prefix`)."""
+    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    hf = "model.layers.{layer}."
+    tensors = {
+        "attn_norm.scale": _same(hf + "input_layernorm.weight", (D,), where=where),
+        "mlp_norm.scale": _same(hf + "post_attention_layernorm.weight", (D,), where=where),
+        "attn.wq": _linear(hf + "self_attn.q_proj.weight", (D,), (N, H), where),
+        "attn.wk": _linear(hf + "self_attn.k_proj.weight", (D,), (K, H), where),
+        "attn.wv": _linear(hf + "self_attn.v_proj.weight", (D,), (K, H), where),
+        "attn.wo": _linear(hf + "self_attn.o_proj.weight", (N, H), (D,), where),
+    }
+    if cfg.attention_bias:
+        for which, heads in (("q", N), ("k", K), ("v", K)):
+            tensors[f"attn.b{which}"] = _same(hf + f"self_attn.{which}_proj.bias", (heads, H), where=where)
+    if cfg.qk_norm:
+        for which in ("q", "k"):
+            tensors[f"attn.{which}_norm.scale"] = _same(
+                hf + f"self_attn.{which}_norm.weight", (H,), where=where
+            )
+    swiglu = (("w_gate", "gate_proj", 0), ("w_up", "up_proj", 0), ("w_down", "down_proj", 1))
+    if not moe:
+        for ours, theirs, down in swiglu:
+            fans = ((F,), (D,)) if down else ((D,), (F,))
+            tensors[f"mlp.{ours}"] = _linear(hf + f"mlp.{theirs}.weight", *fans, where)
+        return {prefix + path: tensor for path, tensor in tensors.items()}
+    E, Fe = cfg.moe.experts, cfg.moe.d_ff
+    mixtral = model_type == "mixtral"
+    moe_hf = hf + ("block_sparse_moe." if mixtral else "mlp.")
+    tensors["moe.router"] = _linear(moe_hf + "gate.weight", (D,), (E,), where)
+    for (ours, theirs, down), mixtral_name in zip(swiglu, ("w1", "w3", "w2")):
+        fans = ((Fe,), (D,)) if down else ((D,), (Fe,))
+        name = moe_hf + "experts.{expert}." + (mixtral_name if mixtral else theirs) + ".weight"
+        tensors[f"moe.{ours}"] = _linear(name, *fans, where, expert=True)
+    if cfg.moe.shared_experts:  # Qwen2-MoE's one shared expert of shared_experts x moe.d_ff units
+        Fs = cfg.moe.shared_experts * Fe
+        for ours, theirs, down in swiglu:
+            fans = ((Fs,), (D,)) if down else ((D,), (Fs,))
+            tensors[f"shared.{ours}"] = _linear(moe_hf + f"shared_expert.{theirs}.weight", *fans, where)
+    if cfg.moe.shared_gate:
+        tensors["shared_gate"] = _linear(moe_hf + "shared_expert_gate.weight", (D,), (1,), where)
+    return {prefix + path: tensor for path, tensor in tensors.items()}
 
 
 def tensor_map(cfg) -> dict[str, Tensor]:
     """jaxpar parameter path ('blocks.attn.wq') -> its HF tensors, for a ModelConfig of a supported family."""
     model_type = hf_config_lib.model_type_of(cfg)
-    V, D, N, K, H, F = cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    layer = "model.layers.{layer}."
+    V, D = cfg.vocab_size, cfg.d_model
     tensors = {
-        "embed": _same("model.embed_tokens.weight", (V,), (D,), stacked=0),
-        "final_norm.scale": _same("model.norm.weight", (D,), stacked=0),
-        "blocks.attn_norm.scale": _same(layer + "input_layernorm.weight", (D,)),
-        "blocks.mlp_norm.scale": _same(layer + "post_attention_layernorm.weight", (D,)),
-        "blocks.attn.wq": _linear(layer + "self_attn.q_proj.weight", (D,), (N, H)),
-        "blocks.attn.wk": _linear(layer + "self_attn.k_proj.weight", (D,), (K, H)),
-        "blocks.attn.wv": _linear(layer + "self_attn.v_proj.weight", (D,), (K, H)),
-        "blocks.attn.wo": _linear(layer + "self_attn.o_proj.weight", (N, H), (D,)),
+        "embed": _same("model.embed_tokens.weight", (V,), (D,)),
+        "final_norm.scale": _same("model.norm.weight", (D,)),
     }
     if not cfg.tie_embeddings:
-        tensors["unembed"] = _linear("lm_head.weight", (D,), (V,), stacked=0)
-    if cfg.attention_bias:
-        for which, heads in (("q", N), ("k", K), ("v", K)):
-            tensors[f"blocks.attn.b{which}"] = _same(layer + f"self_attn.{which}_proj.bias", (heads, H))
-    if cfg.qk_norm:
-        for which in ("q", "k"):
-            tensors[f"blocks.attn.{which}_norm.scale"] = _same(layer + f"self_attn.{which}_norm.weight", (H,))
-    if not cfg.moe.experts:
-        for ours, theirs, fan_in, fan_out in (
-            ("w_gate", "gate_proj", D, F),
-            ("w_up", "up_proj", D, F),
-            ("w_down", "down_proj", F, D),
-        ):
-            tensors[f"blocks.mlp.{ours}"] = _linear(layer + f"mlp.{theirs}.weight", (fan_in,), (fan_out,))
-        return tensors
-    E, Fe = cfg.moe.experts, cfg.moe.d_ff
-    moe, names = (
-        ("block_sparse_moe.", ("w1", "w3", "w2"))
-        if model_type == "mixtral"
-        else ("mlp.", ("gate_proj", "up_proj", "down_proj"))
-    )
-    tensors["blocks.moe.router"] = _linear(layer + moe + "gate.weight", (D,), (E,))
-    for ours, theirs, fan_in, fan_out in zip(("w_gate", "w_up", "w_down"), names, (D, D, Fe), (Fe, Fe, D)):
-        name = layer + moe + "experts.{expert}." + theirs + ".weight"
-        tensors[f"blocks.moe.{ours}"] = _linear(name, (fan_in,), (fan_out,), stacked=2)
-    return tensors
+        tensors["unembed"] = _linear("lm_head.weight", (D,), (V,))
+    moe = cfg.moe
+    if not (moe.experts and moe.mixed):
+        return tensors | _layer_tensors(cfg, model_type, "blocks.", _Layers(), bool(moe.experts))
+    first, every = moe.first_dense, moe.every
+    if first:
+        tensors |= _layer_tensors(cfg, model_type, "first.", _Layers(), moe=False)
+    if every == 1:
+        return tensors | _layer_tensors(cfg, model_type, "blocks.", _Layers(base=first), moe=True)
+    inner = _Layers(axes=2, base=first, stride=every)
+    last = _Layers(base=first + every - 1, stride=every)
+    tensors |= _layer_tensors(cfg, model_type, "blocks.inner.", inner, moe=False)
+    return tensors | _layer_tensors(cfg, model_type, "blocks.last.", last, moe=True)
 
 
 # Parameters with no HF counterpart, created at import (and left out of export): the router's selection bias
 # of bias balancing, zero (and unused) in the families HF has.
-NOT_IN_HF = ("blocks.moe.router_bias",)
+NOT_IN_HF = re.compile(r"(.*\.)?moe\.router_bias$")
 
 
 # --- import ------------------------------------------------------------------------------------------------
@@ -254,7 +301,7 @@ def load_params(directory: str, cfg, abstract: Mapping) -> dict:
         return handles[file]
 
     def build(path: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        if path in NOT_IN_HF:
+        if NOT_IN_HF.match(path):
             return jax.device_put(np.zeros(leaf.shape, leaf.dtype), leaf.sharding)
         spec = tensors[path]
 
@@ -263,7 +310,7 @@ def load_params(directory: str, cfg, abstract: Mapping) -> dict:
             stacked, core = index[: spec.stacked], index[spec.stacked :]
             blocks = []
             for position in itertools.product(*(range(s.start, s.stop) for s in stacked)):
-                name = spec.name.format(**dict(zip(("layer", "expert"), position)))
+                name = spec.name_at(position)
                 blocks.append(spec.read(handle(name), name, core))
             block = np.stack(blocks) if spec.stacked else blocks[0]
             lengths = tuple(s.stop - s.start for s in stacked)
@@ -275,7 +322,7 @@ def load_params(directory: str, cfg, abstract: Mapping) -> dict:
         blocks = [jax.device_put(shard(index), device) for device, index in devices.items()]
         return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, blocks)
 
-    missing = set(abstract) - set(tensors) - set(NOT_IN_HF)
+    missing = {path for path in set(abstract) - set(tensors) if not NOT_IN_HF.match(path)}
     if missing:
         raise HFWeightsError(f"jaxpar parameters {sorted(missing)} have no Hugging Face tensor mapping.")
     try:

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.models.linear_attention import LinearAttention
+from jaxpar.models.medusa import MedusaHeads
 from jaxpar.models.moe import MoE
 from jaxpar.models.params import attention_projections, param as _param, residual_out_std, rms_norm
 from jaxpar.parallel.rules import constrain
@@ -26,6 +27,8 @@ FULL_LENGTH = ("batch", "length", "act_embed")
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # save_dots' residuals kept in pinned host memory instead of the device's (config.model.remat="offload")
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -192,11 +195,20 @@ class MoEBlock(Block):
         self.moe = MoE(cfg, rngs=rngs)
         shared_ff = cfg.moe.shared_experts * cfg.moe.d_ff
         self.shared = SwiGLU(cfg, rngs=rngs, d_ff=shared_ff) if shared_ff else None
+        self.shared_gate = (  # Qwen2-MoE: sigmoid(h . w) scales the shared experts' output per token
+            _param(rngs, (cfg.d_model, 1), ("embed", None), cfg.init_std, cfg.param_dtype)
+            if cfg.moe.shared_gate
+            else None
+        )
 
     def feed_forward(self, h_BTD):
         y_BTD, stats = self.moe(h_BTD)
         if self.shared is not None:
-            y_BTD = y_BTD + self.shared(h_BTD)
+            shared_BTD = self.shared(h_BTD)
+            if self.shared_gate is not None:
+                gate_BT1 = jnp.einsum("btd,dg->btg", h_BTD, self.shared_gate[...].astype(h_BTD.dtype))
+                shared_BTD = jax.nn.sigmoid(gate_BT1) * shared_BTD
+            y_BTD = y_BTD + shared_BTD
         return y_BTD, stats
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
@@ -223,20 +235,47 @@ def _block_type(cfg: ModelConfig) -> type[Block]:
     return MoEBlock if cfg.moe.experts else Block
 
 
+def _stack(make, n: int, rngs: nnx.Rngs, partition: str | None = "layers"):
+    """n modules made by make(rngs), stacked on a leading axis named `partition` (for the rules table)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: partition})
+    def stacked(rngs):
+        return make(rngs)
+
+    return stacked(rngs)
+
+
+class InterleavedGroup(nnx.Module):
+    """model.moe.every - 1 dense blocks (scanned), then one MoE block: the repeating unit of a model whose
+    MoE layers alternate with dense ones. Statistics are the MoE block's (one row per group)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        # The group's own stack axis is not split ("layers", the outer one, may be: two would collide).
+        self.inner = _stack(lambda r: Block(cfg, rngs=r), cfg.moe.every - 1, rngs, partition=None)
+        self.last = MoEBlock(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        return self.forward(x_BTD, positions_BT, segment_ids_BT)[:2]
+
+    def forward(self, x_BTD, positions_BT, segment_ids_BT, cache=None):
+        """cache: None, or {"inner": the dense blocks' caches stacked, "last": the MoE block's}."""
+        inner_cache, last_cache = (None, None) if cache is None else (cache["inner"], cache["last"])
+        x_BTD, _, inner_cache = _scan_layers(self.inner, x_BTD, positions_BT, segment_ids_BT, inner_cache)
+        x_BTD, stats, last_cache = self.last.forward(x_BTD, positions_BT, segment_ids_BT, last_cache)
+        return x_BTD, stats, None if cache is None else {"inner": inner_cache, "last": last_cache}
+
+
 class HybridGroup(nnx.Module):
     """softmax_every - 1 linear-attention blocks (scanned), then one softmax-attention block. The model
     scans over these groups; statistics come back one row per layer, in layer order."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         block_type = _block_type(cfg)
-
         # The group's own stack axis is not split ("layers", the outer one, may be: two would collide).
-        @nnx.split_rngs(splits=cfg.softmax_every - 1)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-        def make_linear(rngs):
-            return block_type(cfg, rngs=rngs, mixer="linear")
-
-        self.linear = make_linear(rngs)
+        self.linear = _stack(
+            lambda r: block_type(cfg, rngs=r, mixer="linear"), cfg.softmax_every - 1, rngs, None
+        )
         self.softmax = block_type(cfg, rngs=rngs, mixer="softmax")
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
@@ -259,23 +298,32 @@ class Transformer(nnx.Module):
         V, D = cfg.vocab_size, cfg.d_model
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
 
-        block_type = _block_type(cfg)
-        hybrid = cfg.mixer == "hybrid"
-
-        @nnx.split_rngs(splits=cfg.n_layers // cfg.softmax_every if hybrid else cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs):
-            if hybrid:
-                return HybridGroup(cfg, rngs=rngs)
-            return block_type(cfg, rngs=rngs, mixer=cfg.mixer)
-
-        self.blocks = make_blocks(rngs)
+        moe = cfg.moe
+        if cfg.mixer == "hybrid":
+            self.blocks = _stack(lambda r: HybridGroup(cfg, rngs=r), cfg.n_layers // cfg.softmax_every, rngs)
+        elif moe.experts and moe.mixed:  # model.moe.first_dense dense layers, then groups of model.moe.every
+            groups = (cfg.n_layers - moe.first_dense) // moe.every
+            make = (
+                (lambda r: InterleavedGroup(cfg, rngs=r))
+                if moe.every > 1
+                else (lambda r: MoEBlock(cfg, rngs=r))
+            )
+            self.blocks = _stack(make, groups, rngs)
+        else:
+            block_type = _block_type(cfg)
+            self.blocks = _stack(lambda r: block_type(cfg, rngs=r, mixer=cfg.mixer), cfg.n_layers, rngs)
+        self.first = (  # the dense layers before the first MoE layer (model.moe.first_dense), run first
+            _stack(lambda r: Block(cfg, rngs=r), moe.first_dense, rngs)
+            if moe.experts and moe.first_dense
+            else None
+        )
         self.final_norm = RMSNorm(D, cfg.norm_eps, cfg.param_dtype)
         self.unembed = (
             None
             if cfg.tie_embeddings
             else _param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, cfg.param_dtype)
         )
+        self.medusa = MedusaHeads(cfg) if cfg.medusa_heads else None  # Medusa-1 heads (jaxpar.models.medusa)
 
     def __call__(self, tokens_BT, positions_BT, segment_ids_BT):
         """Logits in float32, split over the vocabulary on the tensor axis (never whole on one device)."""
@@ -295,17 +343,34 @@ class Transformer(nnx.Module):
         return logits_BTV, cache
 
     def _forward(self, tokens_BT, positions_BT, segment_ids_BT, cache):
+        x_BTD, stats, cache = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache)
+        return self.logits(x_BTD), stats, cache
+
+    def hidden_states(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
+        """(the final normed hidden state [B, T, D], per-layer statistics, cache): what `logits` maps to
+        the vocabulary, and what Medusa heads (jaxpar.models.medusa) read."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x_BTD = constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype), RESIDUAL)
         remat = None
         if cfg.remat != "none" and cache is None:
             remat = functools.partial(jax.checkpoint, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        if self.first is not None:  # cache: {"first": the dense layers', "rest": the other layers'}
+            first_cache, cache = (None, None) if cache is None else (cache["first"], cache["rest"])
+            x_BTD, _, first_cache = _scan_layers(
+                self.first, x_BTD, positions_BT, segment_ids_BT, first_cache, remat
+            )
         x_BTD, stats, cache = _scan_layers(self.blocks, x_BTD, positions_BT, segment_ids_BT, cache, remat)
+        if self.first is not None and cache is not None:
+            cache = {"first": first_cache, "rest": cache}
         if cfg.mixer == "hybrid":  # [groups, softmax_every, ...] -> [layers, ...]
             stats = jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats)
 
-        x_BTD = constrain(self.final_norm(x_BTD), FULL_LENGTH)
+        return constrain(self.final_norm(x_BTD), FULL_LENGTH), stats, cache
+
+    def logits(self, x_BTD):
+        """Float32 logits [B, T, V] of final normed hidden states, split over the vocabulary."""
+        cfg, dtype = self.cfg, x_BTD.dtype
         if cfg.tie_embeddings:
             logits_BTV = jnp.einsum(
                 "btd,vd->btv", x_BTD, self.embed[...].astype(dtype), preferred_element_type=jnp.float32
@@ -314,7 +379,7 @@ class Transformer(nnx.Module):
             logits_BTV = jnp.einsum(
                 "btd,dv->btv", x_BTD, self.unembed[...].astype(dtype), preferred_element_type=jnp.float32
             )
-        return constrain(logits_BTV, ("batch", "length", "vocab")), stats, cache
+        return constrain(logits_BTV, ("batch", "length", "vocab"))
 
 
 def cross_entropy(logits_BTV, targets_BT, mask_BT, *, axis_name: str | None = None, with_lse: bool = False):

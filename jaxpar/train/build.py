@@ -24,7 +24,7 @@ from jaxpar.interop import hf_weights
 from jaxpar.models import medusa
 from jaxpar.models.llama import Transformer
 from jaxpar.parallel import rules
-from jaxpar.train import fit, optimizer as optimizer_lib, step as step_lib
+from jaxpar.train import fit, offload, optimizer as optimizer_lib, step as step_lib
 from jaxpar.train.checkpoint import Checkpointer
 from jaxpar.train.pipeline import make_pipelined_loss_and_grads
 from jaxpar.train.state import TrainState, state_shardings, with_shardings
@@ -195,6 +195,11 @@ def build(run: RunConfig, mesh: Mesh) -> TrainProgram:
     cfg, steps = run.model, run.train.steps
     tx = optimizer_lib.for_run(run)  # with Medusa heads: the heads only
     graphdef, abstract, shardings = abstract_state(cfg, tx, mesh)
+    device_opt_state = None
+    if run.offload.optimizer_state:  # stored in pinned host memory, copied in for the update
+        device_opt_state = shardings.opt_state
+        shardings = offload.host_optimizer_state(shardings)
+        abstract = with_shardings(abstract, shardings)
     pipelined = mesh.shape["pipeline"] > 1
     bias_rate = cfg.moe.bias_update_rate if cfg.moe.experts and cfg.moe.balance == "bias" else 0.0
     train_step = step_lib.make_train_step(
@@ -205,6 +210,7 @@ def build(run: RunConfig, mesh: Mesh) -> TrainProgram:
         shardings.params,
         router_bias_rate=bias_rate,
         loss_and_grads_fn=make_pipelined_loss_and_grads(mesh, run.pipeline) if pipelined else None,
+        offloaded_opt_state=device_opt_state,
     )
     return TrainProgram(
         run=run,

@@ -44,11 +44,11 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     head_dim x head_dim state (read and written once per token) instead of the rest of the sequence."""
     D, L = cfg.d_model, cfg.n_layers
     moe = cfg.moe
-    if moe.experts:  # each token passes its top_k routed experts, the shared ones, and the router
-        mlp = 3 * D * moe.d_ff * (moe.top_k + moe.shared_experts) + D * moe.experts
-    else:
-        mlp = 3 * D * cfg.d_ff
-    matmul_params = L * (D * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + mlp)
+    # an MoE layer: each token passes its top_k routed experts, the shared ones (and their gate), the router
+    moe_mlp = 3 * D * moe.d_ff * (moe.top_k + moe.shared_experts) + D * (moe.experts + moe.shared_gate)
+    moe_layers = moe.moe_layers(L)
+    mlp = moe_layers * moe_mlp + (L - moe_layers) * 3 * D * cfg.d_ff
+    matmul_params = L * D * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + mlp
     matmul_params += D * cfg.vocab_size
     linear_keys = 0.5 * min(cfg.linear_chunk, seq_len) + cfg.head_dim
     keys_per_token = (L - cfg.linear_layers) * 0.5 * seq_len + cfg.linear_layers * linear_keys

@@ -11,8 +11,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxpar.models import medusa
 from jaxpar.models.llama import cross_entropy
 from jaxpar.parallel.rules import constrain, logical_to_spec
+from jaxpar.train import offload
 from jaxpar.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -30,6 +32,8 @@ def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch):
     weighted by the token count so that sums over microbatches stay exact)."""
     with nnx.use_eager_sharding(False):
         model = nnx.merge(graphdef, params)
+    if model.medusa is not None:  # Medusa-1: the heads' loss on the frozen base
+        return medusa.loss_sums(model, batch)
     logits_BTV, stats = model.forward_with_stats(batch["inputs"], batch["positions"], batch["segment_ids"])
     ce_sum, count = cross_entropy(logits_BTV, batch["targets"], batch["segment_ids"] != 0)
     objective = ce_sum
@@ -114,16 +118,22 @@ def make_train_step(
     param_shardings=None,
     router_bias_rate: float = 0.0,
     loss_and_grads_fn=None,
+    offloaded_opt_state=None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`loss_and_grads_fn` replaces `loss_and_grads` with another schedule of the same math (the
-    pipelined one: jaxpar.train.pipeline.make_pipelined_loss_and_grads)."""
+    pipelined one: jaxpar.train.pipeline.make_pipelined_loss_and_grads). `offloaded_opt_state`: the
+    optimizer state's device shardings when it is stored in host memory (jaxpar.train.offload); it is
+    copied onto the device for the update."""
     loss_and_grads_fn = loss_and_grads_fn or loss_and_grads
 
     def train_step(state: TrainState, batch: Batch):
         loss, grads, tokens, stats = loss_and_grads_fn(
             state.params, graphdef, batch, grad_accum_steps, param_shardings
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        opt_state = state.opt_state
+        if offloaded_opt_state is not None:
+            opt_state = offload.to_device(opt_state, offloaded_opt_state)
+        updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if router_bias_rate:
             params = rebalance_router_bias(params, stats["tokens_per_expert"], router_bias_rate)
