@@ -280,9 +280,7 @@ def test_fit_check_is_for_running_not_compiling():
         train=dataclasses.replace(run.train, global_batch=8, seq_len=512),
     )
     program = program_for(run)
-    with pytest.raises(
-        ConfigError, match=r"needs about 13\.\d\d GiB .* a device has 1\.00 GiB \(as given\)"
-    ):
+    with pytest.raises(ConfigError, match=r"needs about 13\.\d\d GiB .* a device has 1\.00 GiB \(as given\)"):
         program.check_fits(bytes_limit=2**30)
     assert program.check_fits(bytes_limit=2**40)["params"] == pytest.approx(
         run.model.n_params * 4 / 8, rel=0.01
