@@ -80,15 +80,21 @@ def load_hf_params(model_cfg: ModelConfig, mesh: Mesh) -> nnx.State:
     return abstract
 
 
-def init_from_hf(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, shardings):
-    """The initial TrainState with the Hugging Face checkpoint's parameters and a fresh optimizer state."""
-    params = load_hf_params(model_cfg, mesh)
+def state_from_params(
+    params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, shardings
+) -> TrainState:
+    """A TrainState at step 0 with these parameters and a fresh optimizer state, placed by `shardings`."""
 
     def init(params):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     with jax.set_mesh(mesh):
         return jax.jit(init, out_shardings=shardings)(params)
+
+
+def init_from_hf(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, shardings):
+    """The initial TrainState with the Hugging Face checkpoint's parameters and a fresh optimizer state."""
+    return state_from_params(load_hf_params(model_cfg, mesh), tx, mesh, shardings)
 
 
 def init_from_run(run: RunConfig, tx: optax.GradientTransformation, mesh: Mesh, shardings) -> TrainState:
@@ -135,12 +141,7 @@ def init_from_run(run: RunConfig, tx: optax.GradientTransformation, mesh: Mesh, 
         if name != medusa.PARAM_NAME
     }
     nnx.replace_by_pure_dict(fresh, params)
-
-    def init(params):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    with jax.set_mesh(mesh):
-        return jax.jit(init, out_shardings=shardings)(fresh)
+    return state_from_params(fresh, tx, mesh, shardings)
 
 
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int):
