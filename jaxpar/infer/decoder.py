@@ -89,6 +89,30 @@ def _decode(graphdef, params, cache, tokens_B, positions_B, sampler_args):
     return tokens_B[:, None], logprobs_B[:, None], cache
 
 
+def prefill_in_chunks(prefill, model, state, slot: int, ids: np.ndarray, buckets, sampler_row):
+    """Runs a jitted `prefill(params, state, slot, padded_1T, start, valid, sampler_row)` over a prompt in
+    chunks of at most buckets[-1] tokens, each padded to the smallest bucket that holds it; (the first
+    generated token, its log-probability, the new state)."""
+    start = 0
+    with jax.set_mesh(model.mesh):
+        while start < len(ids):
+            chunk = ids[start : start + buckets[-1]]
+            bucket = next(b for b in buckets if b >= len(chunk))
+            padded = np.zeros((1, bucket), np.int32)
+            padded[0, : len(chunk)] = chunk
+            token, logprob, state = prefill(
+                model.params,
+                state,
+                np.int32(slot),
+                padded,
+                np.int32(start),
+                np.int32(len(chunk)),
+                sampler_row,
+            )
+            start += len(chunk)
+    return int(token), float(logprob), state
+
+
 class Decoder:
     """Plain decoding of one model over `slots` cache rows of `capacity` tokens."""
 
@@ -126,24 +150,10 @@ class Decoder:
 
     def prefill(self, slot: int, ids: np.ndarray, sampler_row) -> tuple[int, float]:
         """Writes a prompt into `slot` chunk by chunk; the first generated token and its log-probability."""
-        start = 0
-        with jax.set_mesh(self.model.mesh):
-            while start < len(ids):
-                chunk = ids[start : start + self.buckets[-1]]
-                bucket = next(b for b in self.buckets if b >= len(chunk))
-                padded = np.zeros((1, bucket), np.int32)
-                padded[0, : len(chunk)] = chunk
-                token, logprob, self.cache = self._prefill(
-                    self.model.params,
-                    self.cache,
-                    np.int32(slot),
-                    padded,
-                    np.int32(start),
-                    np.int32(len(chunk)),
-                    sampler_row,
-                )
-                start += len(chunk)
-        return int(token), float(logprob)
+        token, logprob, self.cache = prefill_in_chunks(
+            self._prefill, self.model, self.cache, slot, ids, self.buckets, sampler_row
+        )
+        return token, logprob
 
     def round(self, next_B, length_B, sampler_args, live=None):
         """(tokens [B, N], log-probabilities [B, N], tokens made per slot [B]) of one decode round: feeds

@@ -52,6 +52,7 @@ from jaxpar.infer.decoder import (
     _take_row,
     next_power_of_two,
     prefill_buckets,
+    prefill_in_chunks,
     sample_with,
 )
 from jaxpar.infer.model import LoadedModel
@@ -321,24 +322,10 @@ class MedusaDecoder:
         return self._prefill._cache_size() + self._round._cache_size()
 
     def prefill(self, slot: int, ids: np.ndarray, sampler_row) -> tuple[int, float]:
-        start = 0
-        with jax.set_mesh(self.model.mesh):
-            while start < len(ids):
-                chunk = ids[start : start + self.buckets[-1]]
-                bucket = next(b for b in self.buckets if b >= len(chunk))
-                padded = np.zeros((1, bucket), np.int32)
-                padded[0, : len(chunk)] = chunk
-                token, logprob, self.state = self._prefill(
-                    self.model.params,
-                    self.state,
-                    np.int32(slot),
-                    padded,
-                    np.int32(start),
-                    np.int32(len(chunk)),
-                    sampler_row,
-                )
-                start += len(chunk)
-        return int(token), float(logprob)
+        token, logprob, self.state = prefill_in_chunks(
+            self._prefill, self.model, self.state, slot, ids, self.buckets, sampler_row
+        )
+        return token, logprob
 
     def round(self, next_B, length_B, sampler_args, live=None):
         with jax.set_mesh(self.model.mesh):
