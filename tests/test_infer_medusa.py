@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from infer_testing import MODELS, full_logits, greedy_reference, random_params
 from scipy import stats
-from test_infer_speculative import exact_pair_distribution
+from test_infer_speculative import exact_pair_distribution, pair_chi_square_p_value
 
 from jaxpar.config import ConfigError, MeshConfig, OptimizerConfig, RunConfig, TrainConfig, validate_run
 from jaxpar.infer import medusa, model as model_lib
@@ -150,13 +150,7 @@ def test_sampled_tokens_follow_the_targets_distribution():
     second = np.where(made1 >= 2, tokens1[:, 1], np.asarray(tokens2)[:, 0])
     assert 0.2 < np.mean(made1 == 1) < 0.8 and np.mean(made1 == HEADS + 1) > 0.1  # both kinds of round
     expected = exact_pair_distribution(model, context, filters).ravel() * B
-    observed = np.bincount(first * 8 + second, minlength=64).astype(np.float64)
-    assert observed[expected == 0].sum() == 0  # nothing outside the filtered support
-    big = expected >= 5  # chi-square over the cells it is valid for, the rest pooled
-    observed = np.append(observed[big], observed[~big].sum())
-    expected = np.append(expected[big], expected[~big].sum())
-    keep = expected > 0
-    p_value = stats.chisquare(observed[keep], expected[keep] * observed.sum() / expected[keep].sum()).pvalue
+    p_value = pair_chi_square_p_value(first, second, expected)
     print(f"medusa sampling chi-square p-value {p_value:.3g}, mean tokens per round {made1.mean():.3f}")
     assert p_value > 1e-3, p_value
 

@@ -60,6 +60,19 @@ def exact_pair_distribution(target, context, filters):
     return first[:, None] * second
 
 
+def pair_chi_square_p_value(first, second, expected) -> float:
+    """Chi-square p-value of the observed pairs (first[i], second[i]) of an 8-token vocabulary against
+    `expected` counts [64]; asserts first that no pair falls outside the expected support. Cells expected
+    below 5 are pooled into one (the test is valid for the rest)."""
+    observed = np.bincount(first * 8 + second, minlength=64).astype(np.float64)
+    assert observed[expected == 0].sum() == 0  # nothing outside the filtered support
+    big = expected >= 5
+    observed = np.append(observed[big], observed[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    keep = expected > 0
+    return stats.chisquare(observed[keep], expected[keep] * observed.sum() / expected[keep].sum()).pvalue
+
+
 @pytest.mark.parametrize(
     "filters", [(1.0, 0, 1.0, 0.0), (0.8, 5, 0.9, 0.0)], ids=["plain", "t0.8 top-k5 top-p0.9"]
 )
@@ -98,13 +111,7 @@ def test_sampled_tokens_follow_the_targets_distribution(filters):
     second = np.where(made1 >= 2, tokens1[:, 1], np.asarray(tokens2)[:, 0])
     assert 0 < np.mean(made1 == 1) < 1  # the draft differs: some rows reject, some accept
     expected = exact_pair_distribution(target, context, filters).ravel() * B
-    observed = np.bincount(first * 8 + second, minlength=64).astype(np.float64)
-    assert observed[expected == 0].sum() == 0  # nothing outside the filtered support
-    big = expected >= 5  # chi-square over the cells it is valid for, the rest pooled
-    observed = np.append(observed[big], observed[~big].sum())
-    expected = np.append(expected[big], expected[~big].sum())
-    keep = expected > 0
-    p_value = stats.chisquare(observed[keep], expected[keep] * observed.sum() / expected[keep].sum()).pvalue
+    p_value = pair_chi_square_p_value(first, second, expected)
     assert p_value > 1e-3, p_value
 
 
