@@ -513,9 +513,13 @@ class CheckpointConfig:
 class OffloadConfig:
     """config.offload: state kept in pinned host memory instead of the device's (jaxpar.train.offload).
     optimizer_state: the optimizer's state (AdamW moments) lives on the host and is streamed to the device
-    for the update, its result written back; the parameters and gradients stay on the device."""
+    for the update, its result written back; the parameters and gradients stay on the device.
+    params: the parameters (their FSDP shards) live on the host; the layer scan copies each layer's onto
+    the device when it runs it (forward and backward), the rest (embedding, final norm, head) is copied in
+    at the start of the step, and the update copies them in and writes the result back."""
 
     optimizer_state: bool = False
+    params: bool = False
 
     RANGES: typing.ClassVar[Mapping[str, Bound]] = {}
 
@@ -887,10 +891,22 @@ def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
         )
         run.pipeline.validate(model, sizes, train.global_batch)
         require(
+            not run.offload.params,
+            f"offload.params=True with mesh.pipeline={sizes['pipeline']}: the pipeline executor runs its "
+            "stages' layers itself and does not fetch host-resident parameters; use mesh.pipeline=1 (fsdp "
+            "shards the parameters instead) or offload.params=False.",
+        )
+        require(
             train.grad_accum_steps == 1,
             f"train.grad_accum_steps={train.grad_accum_steps} with mesh.pipeline={sizes['pipeline']}: the "
             "pipeline's microbatches are the accumulation; set pipeline.microbatches instead.",
         )
+    require(
+        not run.offload.params or model.remat != "none",
+        "offload.params=True with model.remat='none': without rematerialisation the backward keeps every "
+        "layer's fetched weights on the device as residuals, which is what offloading avoids; set "
+        "model.remat='full', 'save_dots' or 'offload'.",
+    )
     if model.medusa_heads:  # Medusa-1: only the heads train, on a base loaded from elsewhere
         require(
             bool(train.init_from) and not model.hf_path,

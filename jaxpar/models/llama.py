@@ -18,6 +18,7 @@ from jaxpar.models.linear_attention import LinearAttention
 from jaxpar.models.medusa import MedusaHeads
 from jaxpar.models.moe import MoE
 from jaxpar.models.params import attention_projections, param as _param, residual_out_std, rms_norm
+from jaxpar.parallel.memory import to_device
 from jaxpar.parallel.rules import constrain
 from jaxpar.parallel.sequence import sequence_attention
 
@@ -222,6 +223,7 @@ def _scan_layers(layers: nnx.Module, x_BTD, positions_BT, segment_ids_BT, cache,
 
     def layer(x_BTD, params_and_cache):
         params, layer_cache = params_and_cache
+        params = to_device(params)  # one layer's parameters in, when they live on the host (config.offload)
         x_BTD, stats, layer_cache = nnx.merge(graphdef, params).forward(
             x_BTD, positions_BT, segment_ids_BT, layer_cache
         )

@@ -94,6 +94,16 @@ CASES = (
         "small",
         {"offload.optimizer_state": True, "mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1},
     ),
+    (
+        "smoke offload params + opt state",
+        "smoke",
+        {"offload.params": True, "offload.optimizer_state": True, "model.remat": "save_dots"},
+    ),
+    (
+        "small offload params fsdp8",
+        "small",
+        {"offload.params": True, "model.remat": "full", "mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1},
+    ),
     ("smoke remat=offload", "smoke", {"model.remat": "offload"}),
     ("small remat=offload", "small", {"model.remat": "offload"}),
     (

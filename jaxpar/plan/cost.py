@@ -180,9 +180,8 @@ def step_cost(
         group = sizes[axis] * (sizes["expert"] if axis == "data" else 1)  # experts borrow data's devices
         wire[axis] += nbytes * _ring(kind, group if kind != "collective-permute" else 2)
     comm_s = sum(wire[a] / _axis_bandwidth(a, sizes, device) for a in MESH_AXES)
-    host = memory.get("host", 0)
-    if host:  # offloaded state crosses PCIe twice per step (in and out), at about the network's rate
-        comm_s += 2 * host / device.network_bandwidth
+    # offloaded state and residuals cross PCIe (fit.estimate counts the bytes), at about the network's rate
+    comm_s += memory.get("host_traffic", 0) / device.network_bandwidth
     compute_s = max(flops / device.peak_flops, hbm / device.hbm_bandwidth)
     bubble = 0.0
     if sizes["pipeline"] > 1:

@@ -40,7 +40,7 @@ def markdown(plans: list[Plan], top: int, header: str) -> str:
     ]
     for rank, plan in enumerate(fitting, 1):
         micro = _micro(plan)
-        offload = "opt state" if plan.run.offload.optimizer_state else "-"
+        offload = offload_label(plan.run.offload)
         c = plan.cost
         lines.append(
             f"| {rank} | {plan.mesh_label()} | {plan.run.model.remat} | {micro} | {offload} | "
@@ -159,7 +159,7 @@ def write(
                 p.mesh_label(),
                 p.run.model.remat,
                 _micro(p),
-                p.run.offload.optimizer_state,
+                offload_label(p.run.offload),
                 p.memory["total"],
                 round(p.cost.step_s, 6),
                 p.fits,
@@ -171,3 +171,9 @@ def write(
     }
     (out / "plan.json").write_text(json.dumps(data) + "\n")
     return data
+
+
+def offload_label(offload) -> str:
+    """What config.offload keeps on the host, in words ("-" for nothing)."""
+    parts = [name for name, on in (("opt state", offload.optimizer_state), ("params", offload.params)) if on]
+    return " + ".join(parts) or "-"

@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping
 
-from jaxpar.config import ConfigError, MeshConfig, RunConfig, validate_run
+from jaxpar.config import ConfigError, MeshConfig, OffloadConfig, RunConfig, validate_run
 from jaxpar.parallel.mesh import MESH_AXES
 from jaxpar.plan import cost as cost_lib
 from jaxpar.plan.devices import DeviceKind
@@ -22,6 +22,12 @@ from jaxpar.train import fit
 
 GiB = 2**30
 REMATS = ("none", "save_dots", "full", "offload")
+# nothing, the optimizer state, the optimizer state and the parameters (ZeRO-Offload's order of savings)
+OFFLOADS = (
+    OffloadConfig(),
+    OffloadConfig(optimizer_state=True),
+    OffloadConfig(optimizer_state=True, params=True),
+)
 SCHEDULES = ("1f1b", "gpipe")  # the tables with one chunk per stage; interleaving is left to the user
 
 
@@ -48,6 +54,7 @@ class Plan:
         else:
             out["train.grad_accum_steps"] = r.train.grad_accum_steps
         out["offload.optimizer_state"] = r.offload.optimizer_state
+        out["offload.params"] = r.offload.params
         return out
 
     def flags(self) -> str:
@@ -101,8 +108,7 @@ def variants(run: RunConfig, sizes: Mapping[str, int], offload_choices) -> Itera
     train = run.train
     for remat, offload in itertools.product(REMATS, offload_choices):
         model = dataclasses.replace(run.model, remat=remat)
-        base = dataclasses.replace(run, model=model, mesh=mesh)
-        base = dataclasses.replace(base, offload=dataclasses.replace(run.offload, optimizer_state=offload))
+        base = dataclasses.replace(run, model=model, mesh=mesh, offload=offload)
         if sizes["pipeline"] > 1:
             stages = sizes["pipeline"]
             for schedule, factor in itertools.product(SCHEDULES, (1, 2, 4, 8)):
@@ -145,7 +151,7 @@ def search(
     """Every plan, ranked: fitting plans by predicted step time (then memory), then the rejected ones
     that were valid by memory, then the invalid ones. `offload`: also try config.offload choices
     (otherwise the run's own)."""
-    offload_choices = (False, True) if offload else (run.offload.optimizer_state,)
+    offload_choices = OFFLOADS if offload else (run.offload,)
     plans = [
         evaluate(candidate, num_devices, bytes_limit, device)
         for sizes in meshes(run, num_devices)

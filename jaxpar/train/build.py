@@ -196,11 +196,14 @@ def build(run: RunConfig, mesh: Mesh) -> TrainProgram:
     cfg, steps = run.model, run.train.steps
     tx = optimizer_lib.for_run(run)  # with Medusa heads: the heads only
     graphdef, abstract, shardings = abstract_state(cfg, tx, mesh)
-    device_opt_state = None
+    device_params, device_opt_state, host_params = shardings.params, None, None
     if run.offload.optimizer_state:  # stored in pinned host memory, copied in for the update
         device_opt_state = shardings.opt_state
         shardings = offload.host_optimizer_state(shardings)
-        abstract = with_shardings(abstract, shardings)
+    if run.offload.params:  # stored in pinned host memory, fetched layer by layer
+        host_params = offload.HostParams.of(abstract.params, device_params)
+        shardings = offload.host_params(shardings)
+    abstract = with_shardings(abstract, shardings)
     pipelined = mesh.shape["pipeline"] > 1
     bias_rate = cfg.moe.bias_update_rate if cfg.moe.experts and cfg.moe.balance == "bias" else 0.0
     train_step = step_lib.make_train_step(
@@ -208,10 +211,11 @@ def build(run: RunConfig, mesh: Mesh) -> TrainProgram:
         tx,
         optimizer_lib.learning_rate_schedule(run.optimizer, steps),
         run.train.grad_accum_steps,
-        shardings.params,
+        device_params,
         router_bias_rate=bias_rate,
         loss_and_grads_fn=make_pipelined_loss_and_grads(mesh, run.pipeline) if pipelined else None,
         offloaded_opt_state=device_opt_state,
+        host_params=host_params,
     )
     return TrainProgram(
         run=run,
@@ -221,5 +225,5 @@ def build(run: RunConfig, mesh: Mesh) -> TrainProgram:
         abstract=abstract,
         shardings=shardings,
         train_step=step_lib.jit_train_step(train_step, mesh, shardings),
-        eval_step=step_lib.jit_eval_step(step_lib.make_eval_step(graphdef), mesh, shardings),
+        eval_step=step_lib.jit_eval_step(step_lib.make_eval_step(graphdef, host_params), mesh, shardings),
     )

@@ -16,9 +16,10 @@ The model (what `estimate` returns, bytes per device):
   recomputation under remat, the gradients of those values under any policy; calibrated factors below),
   plus the FSDP-gathered weights of one layer.
 - batch: the int32 token arrays of the step.
-- update: with config.offload.optimizer_state, what the update phase needs beyond the backward's peak
-  (the moments copied in from the host and their new values, next to parameters and gradients).
-- host (not in the total): what config.offload and model.remat='offload' keep in pinned host memory.
+- update: with config.offload, what the update phase needs beyond the backward's peak (the moments and/or
+  parameters and gradients copied in from the host, and the new values going out).
+- host (not in the total): what config.offload and model.remat='offload' keep in pinned host memory;
+  host_traffic: the bytes config.offload moves between host and device per step.
 
 `check_fits` compares the total with the device's memory; the loop calls it after building the program
 and before creating the state. Refusals raise `DoesNotFit` (a ConfigError carrying the estimate), which
@@ -41,8 +42,9 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxpar.config import ConfigError, RunConfig, TrainConfig, batch_split
-from jaxpar.parallel.analysis import state_bytes_per_device
+from jaxpar.parallel.analysis import bytes_per_device, state_bytes_per_device
 from jaxpar.parallel.mesh import MESH_AXES
+from jaxpar.train import offload
 
 GiB = 2**30
 
@@ -210,11 +212,14 @@ def estimate(run: RunConfig, sizes: Mapping[str, int], abstract=None) -> dict[st
     stages = sizes["pipeline"]
     layers_here = run.model.n_layers // stages
     stashed = PIPELINE_STASH * alive if stages > 1 else 1
-    host = 0
+    host = traffic = 0  # bytes kept in host memory; bytes crossing between host and device per step
     offloaded_layer = 0
     if remat == "offload":
         offloaded_layer = residuals(run, sizes, rows, "save_dots").per_layer - res.per_layer
         host += int(stashed * layers_here * offloaded_layer)
+        traffic += 2 * int(
+            stashed * layers_here * offloaded_layer
+        )  # out in the forward, back in the backward
     if stages > 1:  # every stage holds 1/P of the vocabulary head; stashes hold the blocks' residuals
         activations = stashed * layers_here * res.per_layer + res.edges // stages
         # a tick evaluates a stage's whole backward; under remat 'full' it recomputes layer by layer
@@ -244,9 +249,25 @@ def estimate(run: RunConfig, sizes: Mapping[str, int], abstract=None) -> dict[st
         # backward has freed the activations, so the step's peak is the larger of the two phases.
         moments, parts["opt_state"] = parts["opt_state"], 0
         host += moments
+        traffic += 2 * moments  # in for the update, out with its result
         update_phase = parts["params"] + parts["grads"] + 2 * moments + batch
         parts["update"] = max(update_phase - sum(parts.values()), 0)
-    return {**parts, "total": sum(parts.values()), "host": host}
+    if run.offload.params:
+        # Parameters and their gradients live on the host; the layer scan holds one layer's shard of each
+        # on the device at a time (the gradients stream out as the backward makes them), the unscanned
+        # leaves stay on the device for the step, and the update brings both in whole.
+        scanned = offload.scanned_leaves(abstract.params)
+        unscanned = bytes_per_device(jax.tree.map(lambda a, s: None if s else a, abstract.params, scanned))
+        layer = (parts["params"] - unscanned) // max(layers_here, 1)
+        whole = parts["params"]
+        host += whole
+        # fetched by the forward and again by the rematerialised backward, gradients out, parameters and
+        # gradients in for the update, parameters out
+        traffic += 6 * whole
+        parts["params"] = parts["grads"] = unscanned + layer
+        update_phase = 2 * whole + parts["opt_state"] + (2 * moments if run.offload.optimizer_state else 0)
+        parts["update"] = max(update_phase + batch - sum(parts.values()), 0)
+    return {**parts, "total": sum(parts.values()), "host": host, "host_traffic": traffic}
 
 
 def abstract_train_state(run: RunConfig, sizes: Mapping[str, int]):

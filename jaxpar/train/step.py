@@ -119,22 +119,28 @@ def make_train_step(
     router_bias_rate: float = 0.0,
     loss_and_grads_fn=None,
     offloaded_opt_state=None,
+    host_params: offload.HostParams | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`loss_and_grads_fn` replaces `loss_and_grads` with another schedule of the same math (the
     pipelined one: jaxpar.train.pipeline.make_pipelined_loss_and_grads). `offloaded_opt_state`: the
     optimizer state's device shardings when it is stored in host memory (jaxpar.train.offload); it is
-    copied onto the device for the update."""
+    copied onto the device for the update. `host_params`: set when the parameters are stored in host
+    memory (`param_shardings` are then their device shardings, which the gradients take)."""
     loss_and_grads_fn = loss_and_grads_fn or loss_and_grads
 
     def train_step(state: TrainState, batch: Batch):
+        params = state.params if host_params is None else host_params.for_forward(state.params)
         loss, grads, tokens, stats = loss_and_grads_fn(
-            state.params, graphdef, batch, grad_accum_steps, param_shardings
+            params, graphdef, batch, grad_accum_steps, param_shardings
         )
         opt_state = state.opt_state
         if offloaded_opt_state is not None:
             opt_state = offload.to_device(opt_state, offloaded_opt_state)
-        updates, opt_state = tx.update(grads, opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = state.params
+        if host_params is not None:
+            params, grads = host_params.for_update(params, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
         if router_bias_rate:
             params = rebalance_router_bias(params, stats["tokens_per_expert"], router_bias_rate)
         metrics = {
@@ -149,8 +155,12 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
+def make_eval_step(
+    graphdef, host_params: offload.HostParams | None = None
+) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
     def eval_step(params, batch: Batch):
+        if host_params is not None:
+            params = host_params.for_forward(params)
         _, (ce_sum, count, _) = loss_sums(params, graphdef, batch)
         return ce_sum, count
 
