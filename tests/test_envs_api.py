@@ -27,7 +27,7 @@ SMOKE = [(i, {}) for i in E.registered_ids()] + [(i, {"continuous_actions": True
 
 
 def test_registry_holds_every_id():
-    assert set(MPE_IDS) | {"switch_riddle", "coin_game"} == set(E.registered_ids())
+    assert set(MPE_IDS) | {"switch_riddle", "coin_game", "overcooked", "hanabi"} == set(E.registered_ids())
     with pytest.raises(KeyError, match="simple_spread_v3"):
         E.make("simple_sprad_v3")
     with pytest.raises(ValueError, match="registered twice"):

@@ -6,8 +6,8 @@ the runtime that places a batch of environments on the mesh's data axes.
     obs, state, reward, terminated, truncated, info = env.step(key, state, actions)
 """
 
-# Importing the families (coin_game, mpe, switch_riddle) registers their ids.
-from jaxpar.envs import coin_game, mpe, spaces, switch_riddle, wrappers
+# Importing the families (coin_game, hanabi, mpe, overcooked, switch_riddle) registers their ids.
+from jaxpar.envs import coin_game, hanabi, mpe, overcooked, spaces, switch_riddle, wrappers
 from jaxpar.envs.core import MultiAgentEnv, Wrapper
 from jaxpar.envs.registry import make, register, registered_ids
 
@@ -20,6 +20,8 @@ __all__ = [
     "spaces",
     "wrappers",
     "coin_game",
+    "hanabi",
     "mpe",
+    "overcooked",
     "switch_riddle",
 ]

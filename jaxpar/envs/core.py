@@ -10,6 +10,12 @@ observations differ in length; `env.observation_space.mask` marks the real entri
 vmap, scan and shardings handle. Time limits are `truncated`, never `terminated`.
 
 Users who want a dict keyed by agent name (PettingZoo / JaxMARL style) take `wrappers.AgentDict(env)`.
+
+Legal actions: `env.legal_actions(state)` -> bool [num_agents, num_actions] says which discrete actions
+each agent may take in `state` (the state the next `step` starts from); a policy masks the others out
+(jaxpar.rl's PPO does, when an environment overrides this method). The default allows every action within
+each agent's count of the `Discrete` action space. Environments with rules (turn-based games such as
+Hanabi) override it; an override must leave at least one action legal for every agent.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import abc
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxpar.envs import spaces
@@ -59,6 +66,19 @@ class MultiAgentEnv(abc.ABC):
     def agent_action_space(self, agent: str) -> spaces.Space:
         """The unpadded action space of one agent (the PettingZoo view)."""
         return spaces.unstack(self.action_space, self.agent_index(agent))
+
+    def legal_actions(self, state) -> jax.Array:
+        """[num_agents, num_actions] bool: the actions each agent may take in `state`. The default: every
+        action of a `Discrete` space (within each agent's count, where counts differ)."""
+        del state
+        space = self.action_space
+        if not isinstance(space, spaces.Discrete) or space.n.ndim != 1:
+            raise TypeError(
+                f"{type(self).__name__} has no legal-action set: its action space {space} is not Discrete "
+                "over the agent axis; only discrete environments (or overrides of legal_actions) have one."
+            )
+        n = np.asarray(space.n)
+        return jnp.asarray(np.arange(n.max())[None, :] < n[:, None])
 
     @abc.abstractmethod
     def reset(self, key: jax.Array) -> tuple[jax.Array, Any]:
@@ -105,6 +125,11 @@ class Wrapper(MultiAgentEnv):
 
     def step(self, key, state, actions):
         return self.env.step(key, state, actions)
+
+    def legal_actions(self, state):
+        """Forwarded with the state unchanged: a wrapper whose state differs from its env's (a batch, extra
+        statistics) must override this to pass its env's state."""
+        return self.env.legal_actions(state)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.env!r})"

@@ -100,6 +100,10 @@ class VecEnv(Wrapper):
     def reset(self, key):
         return jax.vmap(self.env.reset)(self.keys(key))
 
+    def legal_actions(self, state):
+        """[num_envs, num_agents, num_actions] bool."""
+        return jax.vmap(self.env.legal_actions)(state)
+
     def step(self, key, state, actions):
         if not self.autoreset:
             return jax.vmap(self.env.step)(self.keys(key), state, actions)
@@ -144,6 +148,9 @@ class EpisodeStats(Wrapper):
         zeros = jnp.zeros(batch_agents, jnp.float32)
         length = jnp.zeros(batch_agents[:-1], jnp.int32)
         return obs, EpisodeStatsState(state, zeros, length, zeros, length)
+
+    def legal_actions(self, state: EpisodeStatsState):
+        return self.env.legal_actions(state.env_state)
 
     def step(self, key, state: EpisodeStatsState, actions):
         obs, env_state, reward, terminated, truncated, info = self.env.step(key, state.env_state, actions)

@@ -1,0 +1,3 @@
+from jaxpar.envs.hanabi.hanabi import Hanabi, HanabiState
+
+__all__ = ["Hanabi", "HanabiState"]
