@@ -1,14 +1,16 @@
-"""Train (or evaluate) IPPO / MAPPO on a jaxpar.envs environment.
+"""Train (or evaluate) IPPO / MAPPO, or the value-based PQN learners (IQL, VDN, QMIX), on a jaxpar.envs
+environment.
 
   python experiments/train_marl.py --config=configs/marl.py:ippo_spread --workdir=/tmp/marl
   python experiments/train_marl.py --config=configs/marl.py:ippo_spread --workdir=/tmp/marl --mode=eval
+  python experiments/train_marl.py --config=configs/marl.py:pqn_vdn_spread --workdir=/tmp/vdn
 
 A relative --config path that does not exist from the working directory is read from the repository, so
 these commands work from any directory. Rerunning training with the same --workdir resumes from its
 latest checkpoint. The workdir gets
 metrics.jsonl, tensorboard/, checkpoints/, config.json and learning_curve.png; eval mode rolls out the
 latest checkpoint of every seed (sampled and greedy actions; mean +- std over seeds) and writes eval.json
-and eval.gif.
+and eval.gif. For the Q-learners "sampled" acts epsilon-greedily with algo.eps_finish.
 """
 
 import statistics

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 
 import jax
@@ -72,13 +73,13 @@ def run(out: str, config: ConfigDict, steps: int, rounds: int = 5, timed_steps: 
     load_before = os.getloadavg()
     results = measure(config, steps, rounds, timed_steps)
     results.update(
+        command=" ".join(["python", *sys.argv]),
         machine=machine.describe(),
         load_average_before_after=[load_before, os.getloadavg()],
         config=config.to_dict(),
         steps=steps,
         rounds=rounds,
         timed_steps=timed_steps,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )
     common.write_results(out, results)
     render(out)
@@ -91,10 +92,10 @@ def readme(results: dict) -> str:
     lines = [
         "# Host offload (config.offload, model.remat='offload')",
         "",
-        f"`python experiments/bench_offload.py` on {machine.summary(m)}; {results['date']}; load average "
-        f"{load[0][0]:.2f} before, {load[1][0]:.2f} after (a shared 2-core machine). The config in "
-        f"results.json (default `configs/lm.py:smoke`), mesh {results['mesh']}, {results['steps']} steps "
-        "of the same batches per choice.",
+        f"`{results['command']}` on {machine.summary(m)}; load average "
+        f"{load[0][0]:.2f} before, {load[1][0]:.2f} after (a shared 2-core machine: step-time ratios within "
+        f"about 20% of 1 are noise). Mesh {results['mesh']}, {results['steps']} steps of the same batches "
+        "per choice (the full config in results.json).",
         "",
         "Compiled: XLA's memory analysis of the train step per device (arguments + outputs + temporaries - "
         "donated). The CPU backend keeps pinned-host buffers in the same memory and reports them with the "

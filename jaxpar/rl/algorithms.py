@@ -1,4 +1,5 @@
-"""IPPO and MAPPO: the same PPO learner (jaxpar.rl.ppo), differing only in what the critic sees.
+"""IPPO and MAPPO: the same PPO learner (jaxpar.rl.ppo), differing only in what the critic sees; and the
+value-based PQN learners (jaxpar.rl.pqn): IQL, VDN, QMIX, differing only in how agents' Q-values mix.
 
 IPPO (de Witt et al. 2020): every agent's critic sees that agent's own observation, like its actor.
 MAPPO (Yu et al. 2022): a centralised critic sees the global state (here every agent's observation,
@@ -21,9 +22,19 @@ Inputs = Callable[[jax.Array], jax.Array]  # obs [..., A, D] -> network input [.
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
+    """What the networks see. For PPO, actor_inputs feed the policy and critic_inputs the value head; for
+    the Q-learners, actor_inputs feed the per-agent Q-network and critic_inputs the QMIX mixer (the
+    global state). `mixer`: "" (PPO), "none" (independent per-agent targets), "vdn" or "qmix" (one team
+    target regressed on a sum / a monotonic mix of the agents' chosen Q-values)."""
+
     name: str
     actor_inputs: Inputs
     critic_inputs: Inputs
+    mixer: str = ""
+
+    @property
+    def value_based(self) -> bool:
+        return bool(self.mixer)
 
 
 def _maybe_id(cfg: NetworkConfig, fn: Inputs) -> Inputs:
@@ -43,7 +54,28 @@ def mappo(cfg: NetworkConfig) -> Algorithm:
     )
 
 
-ALGORITHMS = {"ippo": ippo, "mappo": mappo}
+def pqn(name: str, mixer: str):
+    """PQN Q-learners (Gallici et al. 2024): per-agent Q-values from each agent's own observation; the
+    QMIX mixer conditions on the global state."""
+
+    def make(cfg: NetworkConfig) -> Algorithm:
+        return Algorithm(
+            name,
+            actor_inputs=_maybe_id(cfg, lambda obs: obs),
+            critic_inputs=batching.global_state,
+            mixer=mixer,
+        )
+
+    return make
+
+
+ALGORITHMS = {
+    "ippo": ippo,
+    "mappo": mappo,
+    "pqn_iql": pqn("pqn_iql", "none"),
+    "pqn_vdn": pqn("pqn_vdn", "vdn"),
+    "pqn_qmix": pqn("pqn_qmix", "qmix"),
+}
 
 
 def get(name: str, cfg: NetworkConfig) -> Algorithm:

@@ -31,7 +31,8 @@ from jaxpar.config import (
 # The checkout holding configs/ and experiments/ (jaxpar is installed editable from it, scripts/setup.sh).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ALGORITHMS = ("ippo", "mappo")
+ALGORITHMS = ("ippo", "mappo", "pqn_iql", "pqn_vdn", "pqn_qmix")
+VALUE_BASED = ("pqn_iql", "pqn_vdn", "pqn_qmix")  # learned by jaxpar.rl.pqn; the others by jaxpar.rl.ppo
 NETWORKS = ("ff", "rnn")
 ACTIVATIONS = ("tanh", "relu")
 
@@ -52,8 +53,13 @@ class EnvConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AlgoConfig:
-    """PPO with IPPO's per-agent critic or MAPPO's centralised critic. One update collects
-    num_steps x env.num_envs transitions per seed, then runs update_epochs passes of num_minibatches."""
+    """PPO with IPPO's per-agent critic or MAPPO's centralised critic, or a PQN-style Q-learner
+    (jaxpar.rl.pqn): independent Q-learning (pqn_iql), VDN (pqn_vdn) or QMIX (pqn_qmix). One update
+    collects num_steps x env.num_envs transitions per seed, then runs update_epochs passes of
+    num_minibatches. Shared: num_steps, update_epochs, num_minibatches, gamma, gae_lambda (GAE for PPO,
+    Q(lambda) returns for PQN), max_grad_norm, lr, anneal_lr, bootstrap_truncated. PPO only: clip_eps,
+    ent_coef, vf_coef, normalize_advantages, clip_value. PQN only: the eps_* exploration schedule and
+    mixer_embed (QMIX)."""
 
     name: str = "ippo"
     num_steps: int = 128
@@ -72,13 +78,19 @@ class AlgoConfig:
     # True: a time limit bootstraps from the value of the final observation (the correct target);
     # False: truncation is treated like termination (JaxMARL's behaviour), for like-for-like comparisons.
     bootstrap_truncated: bool = True
+    # PQN: epsilon-greedy exploration, annealed linearly from eps_start to eps_finish over the first
+    # eps_decay fraction of the updates (then held); evaluation's "sampled" mode acts with eps_finish.
+    eps_start: float = 1.0
+    eps_finish: float = 0.05
+    eps_decay: float = 0.2
+    mixer_embed: int = 32  # QMIX: width of the monotonic mixing network made by the hypernetworks
 
     RANGES: typing.ClassVar[Mapping[str, Bound]] = {
         "num_steps": COUNT,
         "update_epochs": COUNT,
         "num_minibatches": COUNT,
         "gamma": Bound(low=0, high=1, means="the discount"),
-        "gae_lambda": Bound(low=0, high=1, means="GAE's bias-variance trade-off"),
+        "gae_lambda": Bound(low=0, high=1, means="the lambda-returns' bias-variance trade-off"),
         "clip_eps": Bound(low=0, low_open=True, means="PPO's ratio clip"),
         "ent_coef": NON_NEGATIVE,
         "vf_coef": NON_NEGATIVE,
@@ -86,11 +98,22 @@ class AlgoConfig:
             low=0, low_open=True, means="the global gradient norm clipped to; 0 would zero every gradient"
         ),
         "lr": Bound(low=0, low_open=True, means="Adam's learning rate"),
+        "eps_start": Bound(low=0, high=1, means="the exploration probability of the first update"),
+        "eps_finish": Bound(low=0, high=1, means="the exploration probability after the decay"),
+        "eps_decay": Bound(
+            low=0, high=1, low_open=True, means="the fraction of the updates over which epsilon anneals"
+        ),
+        "mixer_embed": COUNT,
     }
 
     def __post_init__(self):
         one_of("algo.name", self.name, ALGORITHMS)
         check_ranges(self, "algo")
+        require(
+            self.eps_finish <= self.eps_start,
+            f"algo.eps_finish={self.eps_finish} is above algo.eps_start={self.eps_start}; epsilon anneals "
+            "downwards: make eps_finish <= eps_start.",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,8 +229,8 @@ def validate_run(run: MARLRunConfig, num_devices: int, env) -> dict[str, int]:
     )
     require(
         isinstance(env.action_space, spaces.Discrete),
-        f"env {run.env.id!r} with kwargs {run.env.kwargs} has continuous actions; the PPO heads here are "
-        "categorical. Use discrete actions (e.g. env.kwargs.continuous_actions=False).",
+        f"env {run.env.id!r} with kwargs {run.env.kwargs} has continuous actions; the PPO heads and "
+        "Q-networks here are categorical. Use discrete actions (e.g. env.kwargs.continuous_actions=False).",
     )
     if run.network.kind == "rnn":
         # Recurrent minibatches are whole env sequences.
@@ -229,6 +252,12 @@ def validate_run(run: MARLRunConfig, num_devices: int, env) -> dict[str, int]:
         sizes["fsdp"] * sizes["tensor"] == 1 or run.network.hidden % (sizes["fsdp"] * sizes["tensor"]) == 0,
         f"network.hidden={run.network.hidden} is not divisible by mesh.fsdp*mesh.tensor="
         f"{sizes['fsdp'] * sizes['tensor']}; sharded policy weights split the hidden width evenly.",
+    )
+    weight_shards = sizes["fsdp"] * sizes["tensor"]
+    require(
+        algo.name != "pqn_qmix" or weight_shards == 1 or algo.mixer_embed % weight_shards == 0,
+        f"algo.mixer_embed={algo.mixer_embed} is not divisible by mesh.fsdp*mesh.tensor={weight_shards}; "
+        "QMIX's sharded hypernetworks split the mixing width evenly.",
     )
     return sizes
 

@@ -28,8 +28,10 @@ from jaxpar.config import ConfigError, MeshConfig
 from jaxpar.envs.wrappers import episode_done
 from jaxpar.parallel.mesh import describe, make_mesh
 from jaxpar.rl import plots
-from jaxpar.rl.config import MARLRunConfig, validate_run
+from jaxpar.rl.batching import masked_logits
+from jaxpar.rl.config import VALUE_BASED, MARLRunConfig, validate_run
 from jaxpar.rl.ppo import PPO
+from jaxpar.rl.pqn import PQN
 from jaxpar.train import workdir as workdir_lib
 from jaxpar.train.checkpoint import Checkpointer
 from jaxpar.train.metrics import MetricsWriter, save_config
@@ -42,21 +44,25 @@ SCALARS = (
     "entropy",
     "approx_kl",
     "clip_fraction",
+    "q_mean",
+    "epsilon",
     "lr",
-)
+)  # those a learner reports: PPO's losses, or the Q-learners' value_loss (TD), q_mean and epsilon
 
 
 def build(run: MARLRunConfig, devices=None) -> PPO:
+    """The run's learner on its mesh: PPO (IPPO, MAPPO) or its value-based subclass PQN (pqn_*)."""
     env = envs.make(run.env.id, **run.env.kwargs)
     devices = jax.devices() if devices is None else devices
     sizes = validate_run(run, len(devices), env)
-    return PPO(run, env, make_mesh(sizes, devices))
+    learner = PQN if run.algo.name in VALUE_BASED else PPO
+    return learner(run, env, make_mesh(sizes, devices))
 
 
 def _record(metrics: dict, i: int) -> dict:
     """Update i of a chunk's metrics [n, S, ...] -> one metrics.jsonl record (seed means and per-seed)."""
     m = {k: np.asarray(v[i]) for k, v in metrics.items()}
-    record = {k: _mean(m[k]) for k in SCALARS}
+    record = {k: _mean(m[k]) for k in SCALARS if k in m}
     per_agent = np.asarray(m["return_per_agent"], np.float64)  # [S, A]
     for a in range(per_agent.shape[1]):
         record[f"return_agent_{a}"] = _mean(per_agent[:, a])
@@ -210,21 +216,23 @@ def episode_length_cap(env) -> int:
 
 def rollout_episode(ppo: PPO, params, key, greedy):
     """One episode of one env with the policy, acting by argmax where `greedy` (a bool, or a traced one so
-    that one program evaluates both) and by sampling otherwise: (per-step env states, rewards [T, A],
-    alive [T])."""
-    from jaxpar.rl.networks import initial_carry
-
+    that one program evaluates both) and by sampling otherwise (the Q-learners: epsilon-greedy at
+    algo.eps_finish), among the legal actions of environments that have rules: (per-step env states,
+    rewards [T, A], alive [T])."""
     env = ppo.env
     k_reset, k_run = jax.random.split(key)
     obs, env_state = env.reset(k_reset)
-    carry = initial_carry(ppo.run.network, (1, env.num_agents))
+    # Zeros shaped like one env of the learner's rollout carry (() for feed-forward networks).
+    carry = jax.tree.map(lambda s: jnp.zeros((1, *s.shape[2:]), s.dtype), ppo.abstract_state.rollout.carry)
 
     def body(c, k):
         obs, env_state, carry, reset, alive = c
         k_act, k_env = jax.random.split(k)
         carry, logits, _ = ppo.policy_step(params, carry, obs[None], reset[None])
-        sampled = jax.random.categorical(k_act, logits[0])
-        actions = jnp.where(greedy, jnp.argmax(logits[0], -1), sampled)
+        logits = logits[0]
+        if ppo.legal_actions is not None:
+            logits = masked_logits(logits, env.legal_actions(env_state))
+        actions = jnp.where(greedy, jnp.argmax(logits, -1), ppo.sample(k_act, logits))
         obs, next_state, reward, terminated, truncated, _ = env.step(
             k_env, env_state, actions.astype(jnp.int32)
         )

@@ -10,6 +10,9 @@ axes, parameters and optimizer moments ([S, ...]) by the logical names on the ne
 (replicated on a data-parallel mesh, sharded with fsdp/tensor axes). Shuffles are permutations of global
 indices drawn from the seed's key, so a fixed seed gives the same run on 1 device or 8.
 
+Environments that override `legal_actions` (turn-based games such as Hanabi) have illegal actions masked
+to a large negative logit when sampling and in the loss; for every other environment nothing changes.
+
     ppo = PPO(run, env, mesh)
     states = ppo.init(ppo.seed_keys())              # [S, ...] runner states, already sharded
     states, metrics = ppo.run_updates(10)(states)   # 10 updates in one call; metrics [10, S, ...]
@@ -29,6 +32,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxpar.envs.core import MultiAgentEnv, Wrapper
 from jaxpar.envs.wrappers import EpisodeStats, VecEnv
 from jaxpar.parallel import rules
 from jaxpar.parallel.rules import constrain
@@ -38,6 +42,13 @@ from jaxpar.rl.gae import gae
 from jaxpar.rl.losses import ppo_loss
 from jaxpar.rl.rollout import RolloutState, collect, constrain_batch, episode_metrics
 from jaxpar.train.state import TrainState, state_shardings
+
+
+def has_legal_actions(env) -> bool:
+    """True when `env` (or a wrapper inside it) overrides `MultiAgentEnv.legal_actions`."""
+    while isinstance(env, Wrapper) and type(env).legal_actions is Wrapper.legal_actions:
+        env = env.env
+    return type(env).legal_actions is not MultiAgentEnv.legal_actions
 
 
 @struct.dataclass
@@ -59,6 +70,8 @@ class PPO:
         self.actor_dim = jax.eval_shape(self.algo.actor_inputs, obs).shape[-1]
         self.critic_dim = jax.eval_shape(self.algo.critic_inputs, obs).shape[-1]
         self.num_actions = batching.num_logits(env.action_space)
+        # Envs with rules: sample and learn only legal actions (the masks travel in the batch).
+        self.legal_actions = self.vec.legal_actions if has_legal_actions(env) else None
         with nnx.use_eager_sharding(False):
             abstract_model = nnx.eval_shape(self._model, jax.random.key(0))
         self.graphdef, abstract_params = nnx.split(abstract_model)
@@ -83,6 +96,10 @@ class PPO:
         else:
             lr = algo.lr
         return optax.chain(optax.clip_by_global_norm(algo.max_grad_norm), optax.adam(lr, eps=1e-5))
+
+    def sample(self, key, logits):
+        """Actions drawn from the policy's logits (evaluation's "sampled" mode)."""
+        return jax.random.categorical(key, logits)
 
     def policy_step(self, params, carry, obs, reset):
         """(carry, logits [..., A, n], values [..., A]) for observations [..., A, D]."""
@@ -123,7 +140,14 @@ class PPO:
         params = state.train.params
         sample = lambda k, logits: jax.random.categorical(k, logits).astype(jnp.int32)
         rollout, traj = collect(
-            self.vec, self.policy_step, params, state.rollout, k_rollout, algo.num_steps, sample
+            self.vec,
+            self.policy_step,
+            params,
+            state.rollout,
+            k_rollout,
+            algo.num_steps,
+            sample,
+            self.legal_actions,
         )
 
         last_value = self.value(params, rollout.carry, rollout.obs, rollout.reset)
@@ -154,6 +178,8 @@ class PPO:
             "returns": returns,
             "reset": traj.reset,
         }
+        if traj.legal is not None:
+            batch["legal"] = traj.legal
         train, losses = self._learn(state.train, batch, state.rollout.carry, k_learn)
 
         metrics = {
@@ -185,6 +211,8 @@ class PPO:
                 _, logits, values = self.policy_step(
                     params, (), minibatch["obs"], jnp.zeros(minibatch["obs"].shape[:-2], bool)
                 )
+            if "legal" in minibatch:
+                logits = batching.masked_logits(logits, minibatch["legal"])
             return ppo_loss(logits, values, minibatch, algo)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

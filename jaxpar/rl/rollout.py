@@ -4,6 +4,10 @@ The env is `EpisodeStats(VecEnv(env, num_envs))`: autoreset inside, `info["final
 bootstrapping truncated episodes, per-agent episode returns reported on the step an episode ends.
 Actions are drawn with one key per step for the whole [E, A] batch: threefry is partitionable (jax's
 default), so each env's draw is the same however the batch is split over devices.
+
+Environments with rules (`MultiAgentEnv.legal_actions` overridden, e.g. Hanabi) pass `legal_actions`:
+illegal actions' logits become a large negative number before sampling, and the masks are kept in the
+transitions so the learner masks the same logits in its loss. Without it nothing changes.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from flax import struct
 
 from jaxpar.envs.wrappers import episode_done
 from jaxpar.parallel.rules import constrain
+from jaxpar.rl.batching import masked_logits
 from jaxpar.rl.losses import categorical_log_prob
 
 
@@ -42,6 +47,7 @@ class Transition:
     episode_done: jax.Array  # [E] bool
     episode_return: jax.Array  # [E, A] return of the episode that ended here (valid where episode_done)
     episode_length: jax.Array  # [E]
+    legal: jax.Array | None = None  # [E, A, n] bool legal actions at `obs` (None: every action legal)
 
 
 # (params, carry, obs [E, A, D], reset [E]) -> (carry, logits [E, A, n], values [E, A])
@@ -65,12 +71,17 @@ def collect(
     key: jax.Array,
     num_steps: int,
     sample: Callable[[jax.Array, jax.Array], jax.Array],
+    legal_actions: Callable[[object], jax.Array] | None = None,
 ):
-    """(final RolloutState, Transition stacked on a leading [num_steps] axis)."""
+    """(final RolloutState, Transition stacked on a leading [num_steps] axis). `legal_actions(env_state)`
+    -> [E, A, n] bool, when given, masks the policy's logits to the legal actions."""
 
     def body(state: RolloutState, step_key):
         k_act, k_env = jax.random.split(step_key)
         carry, logits, values = policy_step(params, state.carry, state.obs, state.reset)
+        legal = None if legal_actions is None else legal_actions(state.env_state)
+        if legal is not None:
+            logits = masked_logits(logits, legal)
         actions = constrain(sample(k_act, logits), ("batch", None))
         logp, _ = categorical_log_prob(logits, actions)
         obs, env_state, reward, terminated, truncated, info = vec_env.step(k_env, state.env_state, actions)
@@ -89,6 +100,7 @@ def collect(
             episode_done=info["returned_episode"],
             episode_return=info["returned_episode_return"],
             episode_length=info["returned_episode_length"],
+            legal=legal,
         )
         next_state = constrain_batch(RolloutState(env_state=env_state, obs=obs, carry=carry, reset=done))
         return next_state, transition
