@@ -8,7 +8,7 @@ ippo_spread_rnn      recurrent IPPO (GRU) on simple_spread_v3
 mappo_spread         MAPPO (centralised critic on the global state) on simple_spread_v3
 ippo_tag             IPPO on simple_tag_v3 (3 adversaries, 1 good agent), shared parameters + agent id
 ippo_reference       IPPO on simple_reference_v3 (speak and move), shared parameters + agent id
-ippo_overcooked      IPPO on Overcooked cramped_room, JaxMARL's ippo_ff_overcooked settings, shaped reward added
+ippo_overcooked      IPPO on Overcooked cramped_room, JaxMARL's ippo_ff_overcooked settings + shaped reward
 ippo_hanabi          recurrent IPPO (GRU) on 2-player Hanabi, illegal moves masked
 pqn_iql_spread       independent Q-learning, PQN style (no replay, no target net, Q(lambda)), simple_spread_v3
 pqn_vdn_spread       VDN (sum of agents' Q regressed on the team return), PQN style, on simple_spread_v3
