@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 
-from jaxpar.config import RunConfig, from_config_dict, validate_run
+from jaxpar.config import OffloadConfig, RunConfig, from_config_dict, validate_run
 from jaxpar.parallel import analysis
 from jaxpar.parallel.mesh import make_mesh
 from jaxpar.plan import search
@@ -186,7 +186,7 @@ def exhaustive(
     for sizes in search.meshes(run, n):
         if sizes["sequence"] > 1 or sizes["pipeline"] > max_pipeline:
             continue
-        for candidate in search.variants(run, sizes, (False,)):
+        for candidate in search.variants(run, sizes, (OffloadConfig(),)):
             if candidate.model.remat not in remats or candidate.train.grad_accum_steps > 1:
                 continue
             pipe = candidate.pipeline
