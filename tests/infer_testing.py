@@ -56,10 +56,12 @@ def full_logits(model: model_lib.LoadedModel, tokens_BT) -> np.ndarray:
 
 
 def greedy_reference(model: model_lib.LoadedModel, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens, each from a full forward of everything so far (no cache; the row is padded to its
-    final length, which causal attention never looks at, so one program serves every step)."""
-    ids = np.zeros((1, len(prompt) + n), np.int32)
+    """n greedy tokens, each from a full forward of everything so far (no cache; the row is padded past its
+    final length, which causal attention never looks at, so one program serves every step: lengths are
+    rounded up to a multiple of 32, so one program also serves most prompts of a model)."""
+    width = max(min(-(-(len(prompt) + n) // 32) * 32, model.cfg.max_seq_len), len(prompt) + n)
+    ids = np.zeros((1, width), np.int32)
     ids[0, : len(prompt)] = prompt
     for t in range(len(prompt), len(prompt) + n):
         ids[0, t] = int(np.argmax(full_logits(model, ids)[0, t - 1]))
-    return ids[0, len(prompt) :].tolist()
+    return ids[0, len(prompt) : len(prompt) + n].tolist()
