@@ -33,6 +33,11 @@ from jaxpar.parallel.schedules import SCHEDULES, Schedule, ScheduleError, cached
 
 # Token mixers: softmax attention, linear attention (LASP-2 when sequence-parallel), or both interleaved.
 MIXERS = ("softmax", "linear", "hybrid")
+# model.remat: what the backward keeps of a layer (jaxpar.models.llama.remat_policy)
+REMATS = ("none", "full", "save_dots", "offload", "save_names", "offload_names")
+# the activations a block names for the names-based policies: q, k, v after RoPE; the attention kernel's
+# output before the output projection; the SwiGLU product
+REMAT_NAMES = ("qkv", "attention", "mlp_hidden")
 LINEAR_GATES = ("none", "scalar")  # plain linear attention, or a data-dependent decay per KV head
 
 
@@ -206,6 +211,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention_impl: str = "xla"
     remat: str = "none"
+    remat_names: str = "attention"  # what remat 'save_names' / 'offload_names' keep, comma separated
     param_dtype: str = "float32"
     dtype: str = "float32"
     init_std: float = 0.02
@@ -258,7 +264,14 @@ class ModelConfig:
             "grouped-query attention needs every KV head to serve the same number of query heads.",
         )
         one_of("model.attention_impl", self.attention_impl, attention_lib.IMPLEMENTATIONS)
-        one_of("model.remat", self.remat, ("none", "full", "save_dots", "offload"))
+        one_of("model.remat", self.remat, REMATS)
+        for name in self.remat_name_list:
+            one_of("model.remat_names", name, REMAT_NAMES)
+        require(
+            self.remat not in ("save_names", "offload_names") or bool(self.remat_name_list),
+            f"model.remat={self.remat!r} keeps the activations named in model.remat_names, which is empty; "
+            f"name some of {', '.join(REMAT_NAMES)} (comma separated).",
+        )
         one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
         one_of("model.sequence_parallel", self.sequence_parallel, sequence_lib.VARIANTS)
@@ -319,6 +332,10 @@ class ModelConfig:
         return (
             self.n_layers * per_layer + mlp + self.linear_layers * self._linear_extra + embed + self.d_model
         )
+
+    @property
+    def remat_name_list(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.remat_names.split(",") if name.strip())
 
     def zigzag_factor(self, mesh_sizes: Mapping[str, int]) -> int:
         """The n of the zigzag token layout this model uses on a mesh of these axis sizes (1: contiguous):

@@ -22,14 +22,20 @@ MESHES = {
 # (optimizer state offloaded, remat, parameters offloaded): the first is the reference, everything on the
 # device; each program's outputs must land in the memory kinds these say
 VARIANTS = {
-    "dp2_fsdp2_tp2": [(False, "save_dots", False), (True, "save_dots", False), (False, "offload", False)],
+    "dp2_fsdp2_tp2": [
+        (False, "save_dots", False),
+        (True, "save_dots", False),
+        (False, "offload", False),
+        (False, "offload_names", False),  # model.remat_names' activations on the host
+    ],
     "fsdp8": [(False, "save_dots", False), (True, "save_dots", True), (False, "save_dots", True)],
 }
 
 
 def _program(overrides, offload: bool, remat: str = "save_dots", params: bool = False):
     run = accuracy.run_config(
-        lm.get_config("smoke"), {**overrides, "model.remat": remat, "train.seq_len": 64}
+        lm.get_config("smoke"),
+        {**overrides, "model.remat": remat, "model.remat_names": "attention,mlp_hidden", "train.seq_len": 64},
     )
     run = dataclasses.replace(run, offload=OffloadConfig(optimizer_state=offload, params=params))
     return build.build(run, make_mesh(validate_run(run, jax.device_count())))
@@ -41,7 +47,8 @@ def _kinds(tree) -> set:
 
 @pytest.mark.parametrize("mesh", sorted(MESHES))
 def test_offload_trains_identically(mesh):
-    """Optimizer state on the host, remat 'offload' (save_dots' residuals on the host), FSDP parameter
+    """Optimizer state on the host, remat 'offload' (save_dots' residuals on the host) and 'offload_names'
+    (the named attention output and MLP hidden on the host), FSDP parameter
     shards on the host (with and without the optimizer state), against
     everything on the device: losses, the evaluation's sums, parameters and optimizer states bitwise equal
     over three steps, and the step's outputs in the memory kinds the config says."""
@@ -102,3 +109,18 @@ def test_offloaded_params_need_rematerialisation():
     run = dataclasses.replace(run, offload=OffloadConfig(params=True))
     with pytest.raises(ConfigError, match=r"offload.params=True with model.remat='none'.*model.remat='full'"):
         validate_run(run, jax.device_count())
+
+
+def test_names_based_remat_offloads_what_it_names():
+    """remat 'offload_names' keeps the named activations on the host: the estimate moves exactly the bytes
+    'save_names' keeps beyond 'full' there; an unknown or empty name list is refused with the choices."""
+    programs = {remat: _program({}, False, remat=remat) for remat in ("full", "save_names", "offload_names")}
+    sizes = dict(programs["full"].mesh.shape)
+    est = {remat: fit.estimate(p.run, sizes, p.abstract) for remat, p in programs.items()}
+    assert est["save_names"]["activations"] > est["full"]["activations"]
+    assert est["offload_names"]["activations"] == est["full"]["activations"]
+    assert est["offload_names"]["host"] == est["save_names"]["activations"] - est["full"]["activations"] > 0
+    with pytest.raises(ConfigError, match=r"model.remat_names.*'logits'.*qkv"):
+        accuracy.run_config(lm.get_config("smoke"), {"model.remat_names": "attention,logits"})
+    with pytest.raises(ConfigError, match=r"model.remat='save_names'.*empty"):
+        accuracy.run_config(lm.get_config("smoke"), {"model.remat": "save_names", "model.remat_names": ""})

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxpar.config import ModelConfig
 from jaxpar.models.linear_attention import LinearAttention
@@ -25,12 +26,26 @@ from jaxpar.parallel.sequence import sequence_attention
 RESIDUAL = ("batch", "length_sp", "act_embed")
 FULL_LENGTH = ("batch", "length", "act_embed")
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # save_dots' residuals kept in pinned host memory instead of the device's (config.model.remat="offload")
-    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
-}
+
+def remat_policy(cfg: ModelConfig):
+    """The jax.checkpoint policy of config.model.remat (not "none"). The names-based ones act on the
+    activations a block tags with `checkpoint_name` (jaxpar.config.REMAT_NAMES)."""
+    names = cfg.remat_name_list
+    return {
+        "full": lambda: jax.checkpoint_policies.nothing_saveable,
+        "save_dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        # save_dots' residuals kept in pinned host memory instead of the device's
+        "offload": lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+        # model.remat_names kept on the device, everything else recomputed
+        "save_names": lambda: jax.checkpoint_policies.save_only_these_names(*names),
+        # model.remat_names kept in pinned host memory, everything else recomputed
+        "offload_names": lambda: jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(),
+            names_which_can_be_offloaded=names,
+            offload_src="device",
+            offload_dst="pinned_host",
+        ),
+    }[cfg.remat]()
 
 
 class RMSNorm(nnx.Module):
@@ -94,7 +109,7 @@ class Attention(nnx.Module):
             if cfg.qk_norm:
                 y_BTNH = getattr(self, f"{which}_norm")(y_BTNH)
             y_BTNH = rope(y_BTNH, positions_BT, rope_frequencies(cfg))
-        return constrain(y_BTNH, ("batch", "length", heads, "head_dim"))
+        return checkpoint_name(constrain(y_BTNH, ("batch", "length", heads, "head_dim")), "qkv")
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None):
         """The attention output [B, T, D]. With a `cache` (a KV cache of this layer, e.g.
@@ -124,7 +139,7 @@ class Attention(nnx.Module):
         return self._project_out(out_BTNH, dtype)
 
     def _project_out(self, out_BTNH, dtype):
-        out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "head_dim"))
+        out_BTNH = checkpoint_name(constrain(out_BTNH, ("batch", "length", "heads", "head_dim")), "attention")
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dtype))
         return constrain(out_BTD, RESIDUAL)
 
@@ -141,7 +156,9 @@ class SwiGLU(nnx.Module):
         dtype = x_BTD.dtype
         gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.w_gate[...].astype(dtype))
         up_BTF = jnp.einsum("btd,df->btf", x_BTD, self.w_up[...].astype(dtype))
-        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
+        h_BTF = checkpoint_name(
+            constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp")), "mlp_hidden"
+        )
         out_BTD = jnp.einsum("btf,fd->btd", h_BTF, self.w_down[...].astype(dtype))
         return constrain(out_BTD, RESIDUAL)
 
@@ -356,7 +373,7 @@ class Transformer(nnx.Module):
         x_BTD = constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype), RESIDUAL)
         remat = None
         if cfg.remat != "none" and cache is None:
-            remat = functools.partial(jax.checkpoint, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            remat = functools.partial(jax.checkpoint, policy=remat_policy(cfg), prevent_cse=False)
         if self.first is not None:  # cache: {"first": the dense layers', "rest": the other layers'}
             first_cache, cache = (None, None) if cache is None else (cache["first"], cache["rest"])
             x_BTD, _, first_cache = _scan_layers(

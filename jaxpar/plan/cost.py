@@ -77,7 +77,7 @@ def flops_per_device(run: RunConfig, sizes: Mapping[str, int]) -> float:
     tokens = t.global_batch * t.seq_len
     per_token = costs.train_flops_per_token(m, t.seq_len)
     attention = per_token - costs.train_flops_per_token(m, 0)  # scores and values
-    extra = {"full": per_token / 3, "save_dots": attention / 3, "offload": attention / 3}.get(m.remat, 0.0)
+    extra = {"full": per_token / 3, "save_dots": attention / 3}.get(costs.remat_family(m.remat), 0.0)
     return (per_token + extra) * tokens / math.prod(sizes.values())
 
 
@@ -92,7 +92,7 @@ def comm_terms(run: RunConfig, sizes: Mapping[str, int]) -> list[tuple[str, str,
     stage_model = dataclasses.replace(
         m,
         n_layers=max(m.n_layers // stages, 1),
-        remat={"offload": "save_dots"}.get(m.remat, m.remat),
+        remat=costs.remat_family(m.remat),
     )
     dft = {"data": sizes["data"] * sizes["expert"], "fsdp": sizes["fsdp"], "tensor": sizes["tensor"]}
     for term in costs.expected_terms(stage_model, dft, t.global_batch, t.seq_len // sizes["sequence"]):

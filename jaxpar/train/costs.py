@@ -147,8 +147,9 @@ def expected_terms(
             )
         )
     if t > 1:
-        remat_gathers = {"none": 0, "save_dots": 2, "full": 2}[model.remat]
-        remat_scatters = {"none": 0, "save_dots": 0, "full": 1}[model.remat]
+        remat = remat_family(model.remat)
+        remat_gathers = {"none": 0, "save_dots": 2, "full": 2}[remat]
+        remat_scatters = {"none": 0, "save_dots": 0, "full": 1}[remat]
         terms += [
             Term("tensor: all-gather sequence shards into attention and MLP (forward)", ag, 2 * L * act),
             Term(
@@ -313,3 +314,10 @@ def expected_ppermute_bytes(program: pipeline.TickProgram, act_bytes: int) -> di
     backward = int(program.bwd_comm.sum()) * act_bytes
     useful = 2 * sched.microbatches * (G - 1) * act_bytes / sched.num_stages
     return {"forward": forward, "backward": backward, "total": forward + backward, "useful": int(useful)}
+
+
+def remat_family(remat: str) -> str:
+    """The remat policy whose recomputation (FLOPs, re-gathered inputs) a config.model.remat value shares:
+    'offload' recomputes what save_dots does; the names-based policies are counted as 'full' (an upper
+    bound: the named activations they keep are not recomputed)."""
+    return {"offload": "save_dots", "save_names": "full", "offload_names": "full"}.get(remat, remat)

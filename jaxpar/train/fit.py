@@ -18,7 +18,8 @@ The model (what `estimate` returns, bytes per device):
 - batch: the int32 token arrays of the step.
 - update: with config.offload, what the update phase needs beyond the backward's peak (the moments and/or
   parameters and gradients copied in from the host, and the new values going out).
-- host (not in the total): what config.offload and model.remat='offload' keep in pinned host memory;
+- host (not in the total): what config.offload and model.remat 'offload' / 'offload_names' keep in pinned
+  host memory;
   host_traffic: the bytes config.offload moves between host and device per step.
 
 `check_fits` compares the total with the device's memory; the loop calls it after building the program
@@ -44,7 +45,7 @@ from jax.sharding import AbstractMesh, AxisType
 from jaxpar.config import ConfigError, RunConfig, TrainConfig, batch_split
 from jaxpar.parallel.analysis import bytes_per_device, state_bytes_per_device
 from jaxpar.parallel.mesh import MESH_AXES
-from jaxpar.train import offload
+from jaxpar.train import costs, offload
 
 GiB = 2**30
 
@@ -196,6 +197,10 @@ def _peak_stashes(pipeline_cfg, stages: int) -> int:
     return max(pipeline_cfg.make_schedule(stages).peak_in_flight())
 
 
+# remat policies that keep another policy's residuals in host memory instead of the device's
+OFFLOADED_REMAT = {"offload": "save_dots", "offload_names": "save_names"}
+
+
 def estimate(run: RunConfig, sizes: Mapping[str, int], abstract=None) -> dict[str, int]:
     """Bytes per device of one train step of `run` on a mesh of these axis sizes: PARTS, `total` (their
     sum) and `host` (bytes kept in pinned host memory by offloading, not in the total). `abstract`: the
@@ -206,16 +211,19 @@ def estimate(run: RunConfig, sizes: Mapping[str, int], abstract=None) -> dict[st
     state = state_bytes_per_device(abstract)
     rows, alive = microbatching(run, sizes)
     remat = run.model.remat
-    # remat 'offload' keeps save_dots' residuals in host memory: the device holds what 'full' keeps
-    # (the layer inputs), the host the rest; the backward streams one layer's back in.
-    res = residuals(run, sizes, rows, "full" if remat == "offload" else None)
+    # remat 'offload' ('offload_names') keeps save_dots' (save_names') residuals in host memory: the
+    # device holds what 'full' keeps (the layer inputs), the host the rest; the backward streams one
+    # layer's back in.
+    kept_on_host = OFFLOADED_REMAT.get(remat)
+    recomputes = costs.remat_family(remat) == "full"  # the backward recomputes a layer at a time
+    res = residuals(run, sizes, rows, "full" if kept_on_host else None)
     stages = sizes["pipeline"]
     layers_here = run.model.n_layers // stages
     stashed = PIPELINE_STASH * alive if stages > 1 else 1
     host = traffic = 0  # bytes kept in host memory; bytes crossing between host and device per step
     offloaded_layer = 0
-    if remat == "offload":
-        offloaded_layer = residuals(run, sizes, rows, "save_dots").per_layer - res.per_layer
+    if kept_on_host:
+        offloaded_layer = residuals(run, sizes, rows, kept_on_host).per_layer - res.per_layer
         host += int(stashed * layers_here * offloaded_layer)
         traffic += 2 * int(
             stashed * layers_here * offloaded_layer
@@ -223,10 +231,10 @@ def estimate(run: RunConfig, sizes: Mapping[str, int], abstract=None) -> dict[st
     if stages > 1:  # every stage holds 1/P of the vocabulary head; stashes hold the blocks' residuals
         activations = stashed * layers_here * res.per_layer + res.edges // stages
         # a tick evaluates a stage's whole backward; under remat 'full' it recomputes layer by layer
-        working = PIPELINE_WORKING[remat == "full"] * (1 if remat == "full" else layers_here)
+        working = PIPELINE_WORKING[recomputes] * (1 if recomputes else layers_here)
     else:
         activations = layers_here * res.per_layer + res.edges
-        working = WORKING[remat == "full"]
+        working = WORKING[recomputes]
     ring = run.model.sequence_parallel in ("ring", "usp") and run.model.mixer != "linear"
     if sizes["sequence"] > 1 and ring:
         working *= sizes["sequence"]  # the unrolled ring keeps every step's blocks for its backward

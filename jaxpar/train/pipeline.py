@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxpar.config import ModelConfig, PipelineConfig, require
-from jaxpar.models.llama import FULL_LENGTH, REMAT_POLICIES, RESIDUAL, cross_entropy
+from jaxpar.models.llama import FULL_LENGTH, RESIDUAL, cross_entropy, remat_policy
 from jaxpar.parallel import rules
 from jaxpar.parallel.pipeline import HeadOut, lower, run_schedule
 from jaxpar.train import step
@@ -49,7 +49,7 @@ def block_layer_fn(block_graphdef: nnx.GraphDef, cfg: ModelConfig):
         return nnx.merge(block_graphdef, layer_params)(x_BTD, positions_BT, segment_ids_BT)
 
     if cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        layer = jax.checkpoint(layer, policy=remat_policy(cfg), prevent_cse=False)
     return layer
 
 
