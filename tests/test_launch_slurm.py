@@ -27,9 +27,6 @@ from jaxpar.train.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=0"]
 CPU8 = ["--env=XLA_FLAGS=--xla_force_host_platform_device_count=8", "--env=JAX_PLATFORMS=cpu"]
-# Long enough that the requeue lands mid-run (it is sent once step 3 is logged), short enough that the
-# resumed run, which the other jobs wait for on this small node, ends soon.
-PREEMPT_STEPS = 40
 CPU4 = [
     "--env=XLA_FLAGS=--xla_force_host_platform_device_count=4",
     "--env=JAX_PLATFORMS=cpu",
@@ -160,9 +157,7 @@ def logged_steps(workdir):
 def test_slurm_sweep_distributed_job_and_requeue(cluster, tmp_path):
     # 1. submit. The job to preempt goes first so that it starts at once (the node has this machine's CPUs).
     preempt_dir = tmp_path / "preempt"
-    preempt = launch(
-        cluster, "submit.py", preempt_dir, *CPU8, f"--config.train.steps={PREEMPT_STEPS}", *QUICK
-    )
+    preempt = launch(cluster, "submit.py", preempt_dir, *CPU8, "--config.train.steps=100", *QUICK)
     sweep_dir = tmp_path / "sweep"
     array = launch(cluster, "sweep.py", sweep_dir, "--sweep=tiny", *CPU8, "--config.train.steps=4", *QUICK)
     dist_dir = tmp_path / "dist"
@@ -225,9 +220,9 @@ def test_slurm_sweep_distributed_job_and_requeue(cluster, tmp_path):
     # the preempted job: checkpointed at step N, resumed from N, every step logged once
     log = (preempt_dir / f"slurm-{preempt}.out").read_text(errors="replace")
     saved = int(log.split("SIGTERM: saved checkpoint at step ")[1].split(";")[0])
-    assert 3 <= saved < PREEMPT_STEPS
+    assert 3 <= saved < 100
     assert "(restart 1)" in log
-    assert logged_steps(preempt_dir) == list(range(1, PREEMPT_STEPS + 1))
+    assert logged_steps(preempt_dir) == list(range(1, 101))
     status = json.loads((preempt_dir / "status.json").read_text())
     assert status["state"] == "exited" and status["restarts"] == 1, status
     assert summarize(str(preempt_dir)).status == "completed"
