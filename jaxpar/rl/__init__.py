@@ -2,7 +2,7 @@
 Q-learners built from them.
 
     config.py      typed MARL run config (env, algo, network, mesh, train, eval) and its checks
-    batching.py    agent ids, the global state, action masks, env-major sample layout
+    batching.py    agent ids, the global state, action masks, env-major sample layout, minibatch splits
     networks.py    NNX actor-critic towers (MLP or GRU core) with logical axis names on every weight
     rollout.py     rollout collection under lax.scan, episode statistics
     gae.py         GAE with terminated vs truncated (bootstrap from the final observation's value)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpar.envs import spaces
+from jaxpar.parallel.rules import constrain
 
 
 def with_agent_id(x: jax.Array) -> jax.Array:
@@ -54,3 +55,34 @@ def env_major(x: jax.Array) -> jax.Array:
     blocks and nothing moves."""
     x = jnp.swapaxes(x, 0, 1)
     return x.reshape(-1, *x.shape[2:])
+
+
+def minibatches(batch: dict, carry0, key, num_minibatches: int, recurrent: bool):
+    """A shuffled split of a rollout `batch` ([T, E, ...] leaves) into `num_minibatches` on a leading axis,
+    each kept on the mesh's batch axes: whole env sequences [M, T, E/M, ...] with their starting carries
+    [M, E/M, ...] when `recurrent`, else env steps [M, E*T/M, ...] (all agents of a step together; the
+    carries are then unused zeros [M])."""
+    M = num_minibatches
+    if recurrent:
+        E = batch["obs"].shape[1]
+        perm = jax.random.permutation(key, E)
+
+        def split_env(x):
+            x = jnp.take(x, perm, axis=1)
+            x = x.reshape(x.shape[0], M, E // M, *x.shape[2:])
+            return constrain(jnp.swapaxes(x, 0, 1), (None, None, "batch") + (None,) * (x.ndim - 3))
+
+        def split_carry(x):
+            x = jnp.take(x, perm, axis=0).reshape(M, E // M, *x.shape[1:])
+            return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+        return jax.tree.map(split_env, batch), jax.tree.map(split_carry, carry0)
+    flat = {k: env_major(v) for k, v in batch.items() if k != "reset"}
+    N = flat["obs"].shape[0]
+    perm = jax.random.permutation(key, N)
+
+    def split(x):
+        x = jnp.take(x, perm, axis=0).reshape(M, N // M, *x.shape[1:])
+        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, flat), jnp.zeros((M,))

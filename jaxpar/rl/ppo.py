@@ -35,7 +35,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxpar.envs.core import MultiAgentEnv, Wrapper
 from jaxpar.envs.wrappers import EpisodeStats, VecEnv
 from jaxpar.parallel import rules
-from jaxpar.parallel.rules import constrain
 from jaxpar.rl import algorithms, batching, networks
 from jaxpar.rl.config import MARLRunConfig
 from jaxpar.rl.gae import gae
@@ -225,32 +224,7 @@ class PPO:
             return (optax.apply_updates(params, updates), opt_state), metrics
 
         def epoch(carry_state, epoch_key):
-            if recurrent:
-                # Minibatches of whole env sequences: [T, E, ...] -> M x [T, E/M, ...].
-                E = batch["obs"].shape[1]
-                perm = jax.random.permutation(epoch_key, E)
-
-                def split_env(x):
-                    x = jnp.take(x, perm, axis=1)
-                    x = x.reshape(x.shape[0], M, E // M, *x.shape[2:])
-                    return constrain(jnp.swapaxes(x, 0, 1), (None, None, "batch") + (None,) * (x.ndim - 3))
-
-                def split_carry(x):
-                    x = jnp.take(x, perm, axis=0).reshape(M, E // M, *x.shape[1:])
-                    return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
-
-                minibatches = (jax.tree.map(split_env, batch), jax.tree.map(split_carry, carry0))
-            else:
-                # Minibatches of env steps (all agents of a step together, as MAPPO's critic needs).
-                flat = {k: batching.env_major(v) for k, v in batch.items() if k != "reset"}
-                N = flat["obs"].shape[0]
-                perm = jax.random.permutation(epoch_key, N)
-
-                def split(x):
-                    x = jnp.take(x, perm, axis=0).reshape(M, N // M, *x.shape[1:])
-                    return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
-
-                minibatches = (jax.tree.map(split, flat), jnp.zeros((M,)))
+            minibatches = batching.minibatches(batch, carry0, epoch_key, M, recurrent)
             return jax.lax.scan(sgd_step, carry_state, minibatches)
 
         (params, opt_state), metrics = jax.lax.scan(

@@ -34,7 +34,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpar.parallel.rules import constrain
 from jaxpar.rl import batching, networks
 from jaxpar.rl.config import NetworkConfig
 from jaxpar.rl.gae import gae
@@ -312,7 +311,7 @@ class PQN(PPO):
             return (optax.apply_updates(params, updates), opt_state), metrics
 
         def epoch(carry_state, epoch_key):
-            parts = minibatches(
+            parts = batching.minibatches(
                 batch, carry0, epoch_key, algo.num_minibatches, self.run.network.kind == "rnn"
             )
             return jax.lax.scan(sgd_step, carry_state, parts)
@@ -322,34 +321,3 @@ class PQN(PPO):
         )
         metrics = jax.tree.map(jnp.mean, metrics)
         return TrainState(step=train.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def minibatches(batch: dict, carry0, key, num_minibatches: int, recurrent: bool):
-    """A shuffled split of a rollout `batch` ([T, E, ...] leaves) into `num_minibatches` on a leading axis,
-    each kept on the mesh's batch axes: whole env sequences [M, T, E/M, ...] with their starting carries
-    [M, E/M, ...] when `recurrent`, else env steps [M, E*T/M, ...] (all agents of a step together; the
-    carries are then unused zeros [M])."""
-    M = num_minibatches
-    if recurrent:
-        E = batch["obs"].shape[1]
-        perm = jax.random.permutation(key, E)
-
-        def split_env(x):
-            x = jnp.take(x, perm, axis=1)
-            x = x.reshape(x.shape[0], M, E // M, *x.shape[2:])
-            return constrain(jnp.swapaxes(x, 0, 1), (None, None, "batch") + (None,) * (x.ndim - 3))
-
-        def split_carry(x):
-            x = jnp.take(x, perm, axis=0).reshape(M, E // M, *x.shape[1:])
-            return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
-
-        return jax.tree.map(split_env, batch), jax.tree.map(split_carry, carry0)
-    flat = {k: batching.env_major(v) for k, v in batch.items() if k != "reset"}
-    N = flat["obs"].shape[0]
-    perm = jax.random.permutation(key, N)
-
-    def split(x):
-        x = jnp.take(x, perm, axis=0).reshape(M, N // M, *x.shape[1:])
-        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
-
-    return jax.tree.map(split, flat), jnp.zeros((M,))
