@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from jaxpar.interop import hf_config
 from jaxpar.kernels import attention as attention_lib
@@ -967,6 +968,14 @@ def validate_run(run: RunConfig, num_devices: int) -> dict[str, int]:
             f"from 0 over {warmup} steps, so this run would never train with more than "
             f"{(train.steps - 1) / warmup:.0%} of optimizer.learning_rate={run.optimizer.learning_rate}; "
             f"lower optimizer.warmup_steps (e.g. to {train.steps // 10}) or raise train.steps."
+        )
+    if warmup >= train.steps:  # trains, slowly: a warning, not a refusal
+        logging.warning(
+            "optimizer.warmup_steps=%d with train.steps=%d: the learning rate ramps up for the whole run, "
+            "reaching at most %.0f%% of optimizer.learning_rate, and the cosine decay never starts.",
+            warmup,
+            train.steps,
+            100 * (train.steps - 1) / warmup,
         )
     if run.data.source in ("stdlib", "text") and run.data.tokenizer in ("", "bytes"):
         hf = (

@@ -92,7 +92,7 @@ BAD_CONFIG = [
     ["--config.optimizer.b1=1.5"],
     ["--config.optimizer.b2=-0.5"],
     ["--config.optimizer.weight_decay=-0.1"],
-    ["--config.optimizer.warmup_steps=100"],  # > train.steps: lr stays 0
+    ["--config.optimizer.warmup_steps=1000"],  # 12 steps: lr would stay under 1.1% of its peak
     ["--config.optimizer.learning_rate=inf"],
     ["--config.model.norm_eps=-1e-5"],
     ["--config.optimizer.eps=0.0", "--config.optimizer.b2=-1.0"],

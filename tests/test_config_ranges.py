@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from unittest import mock
 
 import pytest
 
@@ -131,8 +132,16 @@ def test_warmup_longer_than_the_run():
         validate_run(lm_run(**{"optimizer.warmup_steps": 2000}), 8)
     with pytest.raises(ConfigError, match=r"warmup_steps=15 with train.steps=1: .* more than 0% "):
         validate_run(lm_run(**{"train.steps": 1}), 8)
-    validate_run(lm_run(**{"train.steps": 4}), 8)  # quick smoke runs still reach a fifth of the peak
-    validate_run(lm_run(**{"train.steps": 1, "optimizer.warmup_steps": 0}), 8)
+    with mock.patch.object(config_lib.logging, "warning") as warning:
+        validate_run(lm_run(**{"train.steps": 4}), 8)  # quick smoke runs still reach a fifth of the peak
+    assert (
+        "reaching at most 20% of optimizer.learning_rate"
+        in warning.call_args.args[0] % warning.call_args.args[1:]
+    )
+    with mock.patch.object(config_lib.logging, "warning") as warning:
+        validate_run(lm_run(**{"train.steps": 1, "optimizer.warmup_steps": 0}), 8)
+        validate_run(lm_run(**{"train.steps": 20, "optimizer.warmup_steps": 10}), 8)
+    warning.assert_not_called()
 
 
 def marl_run(**overrides):

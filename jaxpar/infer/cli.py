@@ -19,6 +19,7 @@ from jaxpar.config import ConfigError
 from jaxpar.infer import model as model_lib
 from jaxpar.infer.engine import Engine, Request, RequestError
 from jaxpar.infer.sampling import SamplingError, SamplingParams
+from jaxpar.train import workdir as workdir_lib
 from jaxpar.train.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
@@ -155,7 +156,7 @@ def generate_main(f) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     try:  # the prompts and sampling values are checked before the weights load
         if f.workdir is not None:  # prompts checked before the weights load
-            prompts = _requests(f, model_lib.tokenizer_for(model_lib.read_run_config(f.workdir), f.workdir))
+            prompts = _requests(f, model_lib.tokenizer_for(workdir_lib.read_run_config(f.workdir), f.workdir))
         engine = load_engine(f)
         if f.workdir is None:
             prompts = _requests(f, engine.model.tokenizer)

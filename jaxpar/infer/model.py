@@ -8,7 +8,6 @@ with tensor parallelism. `from_params` wraps parameters already in memory (tests
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -18,7 +17,12 @@ from jax.sharding import Mesh
 from jaxpar.config import ConfigError, ModelConfig, RunConfig, from_config_dict
 from jaxpar.data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 from jaxpar.parallel.mesh import make_mesh
-from jaxpar.train import build as build_lib, data as data_lib, optimizer as optimizer_lib
+from jaxpar.train import (
+    build as build_lib,
+    data as data_lib,
+    optimizer as optimizer_lib,
+    workdir as workdir_lib,
+)
 from jaxpar.train.checkpoint import Checkpointer, CheckpointError
 
 BYTE_SOURCES = ("stdlib", "text")
@@ -65,22 +69,9 @@ def from_params(
     return LoadedModel(cfg, graphdef, jax.device_put(params, shardings), mesh, tokenizer, name)
 
 
-def read_run_config(workdir: str) -> RunConfig:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(
-            f"{path} does not exist: --workdir must be the folder of a training run "
-            "(experiments/train_lm.py --workdir=...)."
-        )
-    with open(path) as f:
-        raw = json.load(f)
-    raw.pop("resolved_mesh", None)
-    return from_config_dict(raw)
-
-
 def load_workdir(workdir: str, mesh: Mesh, step: int | None = None) -> LoadedModel:
     """The parameters of a training run's checkpoint (newest intact, or `step`) placed on `mesh`."""
-    run = read_run_config(workdir)
+    run = workdir_lib.read_run_config(workdir)
     tx = optimizer_lib.for_run(run)
     _, abstract, _ = build_lib.abstract_state(run.model, tx, mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.train.keep_checkpoints)

@@ -9,7 +9,6 @@ holds the whole model).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 
@@ -19,12 +18,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxpar.config import ConfigError, ModelConfig, RunConfig, from_config_dict
+from jaxpar.config import ConfigError, ModelConfig, RunConfig
 from jaxpar.interop import hf_weights
 from jaxpar.models import medusa
 from jaxpar.models.llama import Transformer
 from jaxpar.parallel import rules
-from jaxpar.train import fit, offload, optimizer as optimizer_lib, step as step_lib
+from jaxpar.train import fit, offload, optimizer as optimizer_lib, step as step_lib, workdir as workdir_lib
 from jaxpar.train.checkpoint import Checkpointer
 from jaxpar.train.pipeline import make_pipelined_loss_and_grads
 from jaxpar.train.state import TrainState, state_shardings, with_shardings
@@ -103,15 +102,7 @@ def init_from_run(run: RunConfig, tx: optax.GradientTransformation, mesh: Mesh, 
     lacks (Medusa heads: the same model plus a "medusa" subtree) keep their initial values; every base
     parameter must exist here with the same shape, else a ConfigError names the difference."""
     base_dir = run.train.init_from
-    path = os.path.join(base_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(
-            f"train.init_from={base_dir!r}: {path} does not exist; give a training run's workdir."
-        )
-    with open(path) as f:
-        raw = json.load(f)
-    raw.pop("resolved_mesh", None)
-    base = from_config_dict(raw)
+    base = workdir_lib.read_run_config(base_dir, flag="train.init_from")
     ours = dataclasses.replace(run.model, medusa_heads=0)
     theirs = dataclasses.replace(base.model, medusa_heads=0)
     if jax.tree.map(lambda x: (x.shape, x.dtype), abstract_model(ours)[1]) != jax.tree.map(

@@ -6,11 +6,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import jax
-from tensorboardX import SummaryWriter
 
 from jaxpar.config import to_dict
+
+
+def _import_summary_writer():
+    """tensorboardX's writer imports torch at import time when torch is installed (only so that it can
+    accept torch tensors), which costs a run seconds at every start. jaxpar logs Python floats, so the writer
+    is imported with torch hidden unless something has imported torch already."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 
 def save_config(run, workdir: str, mesh_sizes: dict[str, int]) -> None:

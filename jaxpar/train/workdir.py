@@ -21,10 +21,25 @@ import os
 import socket
 import sys
 
-from jaxpar.config import ConfigError
+from jaxpar.config import ConfigError, RunConfig, from_config_dict
 
 LOCK_FILE = ".lock"
 _log = logging.getLogger(__name__)
+
+
+def read_run_config(workdir: str, flag: str = "--workdir") -> RunConfig:
+    """The RunConfig a training run saved in `<workdir>/config.json`; `flag` names the setting that gave
+    the folder, for the error when it is not a run's."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{flag}={workdir!r}: {path} does not exist; give the workdir of a training run "
+            "(experiments/train_lm.py --workdir=...)."
+        )
+    with open(path) as f:
+        raw = json.load(f)
+    raw.pop("resolved_mesh", None)
+    return from_config_dict(raw)
 
 
 class WorkdirBusyError(ConfigError):
