@@ -70,3 +70,14 @@ def test_rl_does_not_load_the_language_model():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_training_run_does_not_import_torch():
+    """torch is installed for the tests' references; tensorboardX would import it at every run's start
+    (seconds) unless the metrics writer hides it."""
+    for script in ("train_lm", "train_marl"):
+        code = f"import sys, experiments.{script}; print('torch' in sys.modules)"
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT.parent
+        ).stdout
+        assert out.strip() == "False", script
