@@ -46,6 +46,7 @@ SCALARS = (
     "clip_fraction",
     "q_mean",
     "epsilon",
+    "shaping_coef",
     "lr",
 )  # those a learner reports: PPO's losses, or the Q-learners' value_loss (TD), q_mean and epsilon
 

@@ -10,6 +10,9 @@ axes, parameters and optimizer moments ([S, ...]) by the logical names on the ne
 (replicated on a data-parallel mesh, sharded with fsdp/tensor axes). Shuffles are permutations of global
 indices drawn from the seed's key, so a fixed seed gives the same run on 1 device or 8.
 
+With `algo.reward_shaping` on, the rollout adds an annealed bonus from the env's info to the rewards the
+learner sees (rollout.collect); episode returns stay the env's own.
+
 Environments that override `legal_actions` (turn-based games such as Hanabi) have illegal actions masked
 to a large negative logit when sampling and in the loss; for every other environment nothing changes.
 
@@ -39,7 +42,7 @@ from jaxpar.rl import algorithms, batching, networks
 from jaxpar.rl.config import MARLRunConfig
 from jaxpar.rl.gae import gae
 from jaxpar.rl.losses import ppo_loss
-from jaxpar.rl.rollout import RolloutState, collect, constrain_batch, episode_metrics
+from jaxpar.rl.rollout import RolloutState, collect, constrain_batch, episode_metrics, shaping_coefs
 from jaxpar.train.state import TrainState, state_shardings
 
 
@@ -147,6 +150,7 @@ class PPO:
             algo.num_steps,
             sample,
             self.legal_actions,
+            self.shaping(state.train.step),
         )
 
         last_value = self.value(params, rollout.carry, rollout.obs, rollout.reset)
@@ -184,10 +188,24 @@ class PPO:
         metrics = {
             **episode_metrics(traj),
             **losses,
+            **self.shaping_metrics(state.train.step),
             "lr": self._current_lr(state.train.step),
             "env_steps": (state.train.step + 1) * self.run.steps_per_update,
         }
         return RunnerState(train=train, rollout=rollout, key=jax.random.key_data(key)), metrics
+
+    def shaping(self, update) -> tuple[str, jax.Array] | None:
+        """collect's `shaping` argument for update `update`: (info key, [num_steps] coefficients), or None
+        when algo.reward_shaping is off."""
+        cfg = self.run.algo.reward_shaping
+        if not cfg.info_key:
+            return None
+        return cfg.info_key, shaping_coefs(cfg, update, self.run.steps_per_update, self.run.algo.num_steps)
+
+    def shaping_metrics(self, update) -> dict:
+        """The shaping coefficient at the start of update `update`'s rollout (logged as shaping_coef)."""
+        shaping = self.shaping(update)
+        return {} if shaping is None else {"shaping_coef": shaping[1][0]}
 
     def _current_lr(self, update):
         algo = self.run.algo

@@ -250,6 +250,7 @@ class PQN(PPO):
             algo.num_steps,
             sample,
             self.legal_actions,
+            self.shaping(state.train.step),
         )
 
         # traj.values[t] = Q(obs_t, .) of the collecting network; V = its max over the legal actions.
@@ -279,6 +280,7 @@ class PQN(PPO):
             **episode_metrics(traj),
             **losses,
             "epsilon": epsilon,
+            **self.shaping_metrics(state.train.step),
             "lr": self._current_lr(state.train.step),
             "env_steps": (state.train.step + 1) * self.run.steps_per_update,
         }
