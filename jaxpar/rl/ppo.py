@@ -42,7 +42,14 @@ from jaxpar.rl import algorithms, batching, networks
 from jaxpar.rl.config import MARLRunConfig
 from jaxpar.rl.gae import gae
 from jaxpar.rl.losses import ppo_loss
-from jaxpar.rl.rollout import RolloutState, collect, constrain_batch, episode_metrics, shaping_coefs
+from jaxpar.rl.rollout import (
+    RolloutState,
+    collect,
+    constrain_batch,
+    episode_metrics,
+    shaping_coefs,
+    shaping_metrics,
+)
 from jaxpar.train.state import TrainState, state_shardings
 
 
@@ -141,6 +148,7 @@ class PPO:
         key, k_rollout, k_learn = jax.random.split(jax.random.wrap_key_data(state.key), 3)
         params = state.train.params
         sample = lambda k, logits: jax.random.categorical(k, logits).astype(jnp.int32)
+        shaping = self.shaping(state.train.step)
         rollout, traj = collect(
             self.vec,
             self.policy_step,
@@ -150,7 +158,7 @@ class PPO:
             algo.num_steps,
             sample,
             self.legal_actions,
-            self.shaping(state.train.step),
+            shaping,
         )
 
         last_value = self.value(params, rollout.carry, rollout.obs, rollout.reset)
@@ -188,7 +196,7 @@ class PPO:
         metrics = {
             **episode_metrics(traj),
             **losses,
-            **self.shaping_metrics(state.train.step),
+            **shaping_metrics(shaping),
             "lr": self._current_lr(state.train.step),
             "env_steps": (state.train.step + 1) * self.run.steps_per_update,
         }
@@ -201,11 +209,6 @@ class PPO:
         if not cfg.info_key:
             return None
         return cfg.info_key, shaping_coefs(cfg, update, self.run.steps_per_update, self.run.algo.num_steps)
-
-    def shaping_metrics(self, update) -> dict:
-        """The shaping coefficient at the start of update `update`'s rollout (logged as shaping_coef)."""
-        shaping = self.shaping(update)
-        return {} if shaping is None else {"shaping_coef": shaping[1][0]}
 
     def _current_lr(self, update):
         algo = self.run.algo

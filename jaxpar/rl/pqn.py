@@ -38,7 +38,7 @@ from jaxpar.rl import batching, networks
 from jaxpar.rl.config import NetworkConfig
 from jaxpar.rl.gae import gae
 from jaxpar.rl.ppo import PPO, RunnerState
-from jaxpar.rl.rollout import collect, constrain_batch, episode_metrics
+from jaxpar.rl.rollout import collect, constrain_batch, episode_metrics, shaping_metrics
 from jaxpar.train.state import TrainState
 
 # --- networks ---------------------------------------------------------------------------------------
@@ -241,6 +241,7 @@ class PQN(PPO):
         params = state.train.params
         epsilon = self.epsilon(state.train.step)
         sample = lambda k, q: self.sample(k, q, epsilon)
+        shaping = self.shaping(state.train.step)
         rollout, traj = collect(
             self.vec,
             self.policy_step,
@@ -250,7 +251,7 @@ class PQN(PPO):
             algo.num_steps,
             sample,
             self.legal_actions,
-            self.shaping(state.train.step),
+            shaping,
         )
 
         # traj.values[t] = Q(obs_t, .) of the collecting network; V = its max over the legal actions.
@@ -280,7 +281,7 @@ class PQN(PPO):
             **episode_metrics(traj),
             **losses,
             "epsilon": epsilon,
-            **self.shaping_metrics(state.train.step),
+            **shaping_metrics(shaping),
             "lr": self._current_lr(state.train.step),
             "env_steps": (state.train.step + 1) * self.run.steps_per_update,
         }

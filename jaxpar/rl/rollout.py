@@ -72,6 +72,11 @@ def shaping_coefs(cfg: RewardShapingConfig, update: jax.Array, steps_per_update:
     return (cfg.start_coef + (cfg.end_coef - cfg.start_coef) * frac).astype(jnp.float32)
 
 
+def shaping_metrics(shaping: tuple[str, jax.Array] | None) -> dict:
+    """The coefficient at the first step of a rollout collected with `shaping` (logged as shaping_coef)."""
+    return {} if shaping is None else {"shaping_coef": shaping[1][0]}
+
+
 def batch_names(x) -> tuple:
     return ("batch",) + (None,) * (x.ndim - 1)
 
